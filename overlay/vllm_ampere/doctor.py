@@ -1,0 +1,75 @@
+"""`vllm-ampere doctor`: is this machine ready to serve dsv4_int, and which kernels would run."""
+
+from __future__ import annotations
+
+import importlib
+import json
+from pathlib import Path
+
+HELP = "report the vLLM pin, patches, compiled extensions, GPU and the kernel paths that would run"
+
+
+def add_arguments(parser) -> None:
+    parser.add_argument("--model", type=Path, help="a dsv4_int checkpoint folder: read its IMMA flag")
+
+
+def _extension(name: str) -> tuple[bool, str]:
+    try:
+        importlib.import_module(name)
+        return True, "built"
+    except ImportError as e:
+        return False, f"not built ({e})"
+
+
+def run(args) -> int:
+    import torch
+    import vllm
+
+    from vllm_ampere import pins, register
+    from vllm_ampere.flags import ImmaDecision, read_imma_flag, select_kernel_paths
+    from vllm_ampere.patches import all_patches
+    from vllm_ampere.patching import PatchTargetMoved
+
+    ok = True
+    print(f"vllm-ampere-overlay doctor")
+    same = vllm.__version__ == pins.VLLM_VERSION
+    ok &= same
+    print(f"vLLM {vllm.__version__} (pinned {pins.VLLM_VERSION}): {'ok' if same else 'MISMATCH'}")
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda or 'none: CPU build'})")
+
+    register()
+    print("patches:")
+    patches = all_patches()
+    for patch in patches:
+        try:
+            patch.check()
+            state = "installed" if patch.is_applied() else "not needed in this process"
+        except PatchTargetMoved as e:
+            state, ok = f"TARGET MOVED: {e}", False
+        print(f"  {patch.name}: {state}")
+    if not patches:
+        print("  (none in this release)")
+
+    have_c, c_state = _extension("vllm_ampere._C")
+    have_mla, mla_state = _extension("vllm_ampere._flashmla_C")
+    print(f"extension vllm_ampere._C (W8A16 GEMM): {c_state}")
+    print(f"extension vllm_ampere._flashmla_C (sparse MLA): {mla_state}")
+
+    capability = None
+    if torch.cuda.is_available():
+        major, minor = torch.cuda.get_device_capability()
+        capability = major * 10 + minor
+        print(f"GPU: {torch.cuda.get_device_name()} (sm_{capability})")
+    else:
+        print("GPU: none (no CUDA device visible): dsv4_int runs its torch reference paths, "
+              "for tests and the CPU demo")
+
+    if args.model:
+        imma = read_imma_flag(json.loads((args.model / "config.json").read_text()))
+    else:
+        imma = ImmaDecision(False, "no --model given: IMMA assumed off")
+    print("kernel paths:")
+    for line in select_kernel_paths(imma, capability, have_c, have_mla).lines():
+        print(f"  {line}")
+    print("result: " + ("ready" if ok else "PROBLEMS above"))
+    return 0 if ok else 1

