@@ -27,3 +27,5 @@ else
     "${pip[@]}" install --no-build-isolation -e ".[test]"
 fi
 .venv/bin/python -c "import vllm, vllm_ampere; print('setup-env: vllm', vllm.__version__, 'ready')"
+# LMCache (the KV sidecar of `vllm-ampere cluster`) lives in its own venv: it must not move torch.
+bash tools/setup-lmcache-env.sh
