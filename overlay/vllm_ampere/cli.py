@@ -9,6 +9,8 @@ import sys
 # name -> module defining HELP, add_arguments(parser) and run(args) -> int
 SUBCOMMANDS = {
     "doctor": "vllm_ampere.doctor",
+    "convert": "vllm_ampere.convert.cli",
+    "make-tiny": "vllm_ampere.convert.tiny",
 }
 
 

@@ -67,6 +67,7 @@ class Int4Result:
     err: torch.Tensor  # float64 [N, K/32]: the chosen candidate's exact group error
     err_absmax7: torch.Tensor  # float64 [N, K/32]: what absmax7 would have left
     signal: torch.Tensor  # float64 [N, K/32]: sum of g^2 per group
+    max_abs_err: float  # largest |q*s - g| of the tensor
 
 
 class Int4Quantizer:
@@ -78,11 +79,12 @@ class Int4Quantizer:
             raise ConversionError(f"divisor grid must be strictly ascending, got {self.grid}")
         self.device = torch.device(device)
         self.chunk_groups = max(1, chunk_values // MXFP4_GROUP)
-        terms, scales, codes, finite = _tables(self.grid)
+        terms, scales, codes, absdiff, finite = _tables(self.grid)
         # terms: float64 [KEYS, 16, C + 2]: candidates, the absmax7 column, then g^2 (signal).
         self.terms = terms.to(self.device)
         self.scales = scales.to(self.device)  # bfloat16 [KEYS, C]
         self.codes = codes.flatten().to(self.device)  # uint8 [KEYS * C * 16]: q + 8
+        self.absdiff = absdiff.flatten().to(self.device)  # fp32 [KEYS * C * 16]: |q*s - g|
         self.finite = finite.to(self.device)  # bool [KEYS]
 
     def __call__(self, weight_u8: torch.Tensor, scale_u8: torch.Tensor) -> Int4Result:
@@ -92,9 +94,12 @@ class Int4Quantizer:
         w = weight_u8.to(self.device).reshape(-1, MXFP4_GROUP // 2)
         u = scale_u8.to(self.device).reshape(-1)
         outs = [self._chunk(w[i : i + self.chunk_groups], u[i : i + self.chunk_groups]) for i in range(0, u.numel(), self.chunk_groups)]
-        packed, scale, err, err7, signal = (torch.cat(parts) for parts in zip(*outs))
+        packed, scale, err, err7, signal, dmax = (torch.cat(parts) for parts in zip(*outs))
         groups = (n, half_k * 2 // MXFP4_GROUP)
-        return Int4Result(packed.reshape(n, half_k), scale.reshape(groups), err.reshape(groups), err7.reshape(groups), signal.reshape(groups))
+        return Int4Result(
+            packed.reshape(n, half_k), scale.reshape(groups), err.reshape(groups), err7.reshape(groups),
+            signal.reshape(groups), float(dmax.max()) if dmax.numel() else 0.0,
+        )
 
     def _chunk(self, w: torch.Tensor, u: torch.Tensor):
         g = u.numel()
@@ -112,9 +117,10 @@ class Int4Quantizer:
         c = len(self.grid)
         best = torch.argmin(sums[:, :c], dim=1)  # first minimum: ties keep the smaller divisor
         scale = self.scales[key, best]
-        q = self.codes[((key * c + best) * _CODES).unsqueeze(1) + codes]
+        idx = ((key * c + best) * _CODES).unsqueeze(1) + codes
+        q = self.codes[idx]
         err = sums.gather(1, best.unsqueeze(1)).squeeze(1)
-        return pack_nibbles(q), scale, err, sums[:, c], sums[:, c + 1]
+        return pack_nibbles(q), scale, err, sums[:, c], sums[:, c + 1], self.absdiff[idx].amax().reshape(1)
 
     def _segment_sums(self, key: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
         """counts[g] @ terms[key[g]] for every group: one small float64 matmul per distinct key."""
@@ -145,12 +151,14 @@ def _tables(grid: tuple[float, ...]):
     prod = q * s  # separate ops: no fused multiply-add, same on every device
     diff = prod - g
     terms = diff * diff
+    absdiff = diff.abs()
     # Codes above the group's largest magnitude never occur; a == 0 means scale 0 and q 0.
     code_mag = torch.arange(_CODES) & 7
     unused = code_mag.view(1, 1, 1, _CODES) > torch.arange(_MAGS).view(1, _MAGS, 1, 1)
     zero_group = (torch.arange(_MAGS) == 0).view(1, _MAGS, 1, 1)
     q = torch.where(unused | zero_group, 0.0, q).expand(256, _MAGS, len(divs), _CODES)
     terms = torch.where(unused | zero_group, 0.0, terms).expand_as(q)
+    absdiff = torch.where(unused | zero_group, 0.0, absdiff).expand_as(q)
     s = torch.where(zero_group.squeeze(-1), 0.0, s.squeeze(-1)).expand(256, _MAGS, len(divs))
     # 0 * inf is NaN in the matmul, so an infinite term travels as OVERFLOW and comes back as inf.
     terms = torch.where(torch.isinf(terms), OVERFLOW, terms.to(torch.float64))
@@ -163,6 +171,7 @@ def _tables(grid: tuple[float, ...]):
         terms.reshape(_KEYS, len(divs) + 1, _CODES).transpose(1, 2).contiguous(),
         bf16(s[:, :, :c].reshape(_KEYS, c)),
         (q[:, :, :c].reshape(_KEYS, c, _CODES) + 8).to(torch.uint8),
+        absdiff[:, :, :c].reshape(_KEYS, c, _CODES).contiguous(),
         finite.reshape(_KEYS),
     )
 
