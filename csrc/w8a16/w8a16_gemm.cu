@@ -34,11 +34,11 @@ void plan_split_k(GemmParams& p, int num_sms, int split_k_override) {
   const int row_blocks = ceil_div(p.n, kBlockRows);
   const int token_blocks = ceil_div(p.m, kTokensPerTile * token_tiles(p.m));
   int split = 1;
-  // Split K only when one token block covers M (the locks are per row block), and never into
-  // pieces shorter than one unrolled chunk.
+  // Split K only when the row blocks alone leave the GPU short of kTargetCtasPerSm CTAs per SM,
+  // only when one token block covers M (the locks are per row block), and never into pieces
+  // shorter than one unrolled chunk.
   if (token_blocks == 1) {
-    split = split_k_override > 0 ? split_k_override
-                                  : ceil_div(num_sms * kTargetCtasPerSm, row_blocks);
+    split = split_k_override > 0 ? split_k_override : num_sms * kTargetCtasPerSm / row_blocks;
     split = std::max(1, std::min(split, ceil_div(p.k_tiles, kUnroll)));
   }
   p.tiles_per_split = ceil_div(ceil_div(p.k_tiles, split), kUnroll) * kUnroll;
