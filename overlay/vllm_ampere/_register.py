@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 
 from vllm.logger import init_logger
@@ -11,7 +12,18 @@ from vllm_ampere import pins
 logger = init_logger("vllm_ampere")
 
 
+def _log_through_vllm() -> None:
+    """Send our loggers (`vllm_ampere.*`) wherever vLLM's go, at vLLM's level.
+
+    vLLM configures only its `vllm` logger tree, and does so per process, sometimes after
+    plugins load (vllm/logger.py, configure_logging). Making `vllm` the parent of our root
+    logger lets our records follow whatever configuration vLLM applies later.
+    """
+    logging.getLogger("vllm_ampere").parent = logging.getLogger("vllm")
+
+
 def register_all() -> None:
+    _log_through_vllm()
     import vllm
     from vllm.model_executor.layers.quantization import QUANTIZATION_METHODS, register_quantization_config
 

@@ -19,7 +19,7 @@ DenseStrategy = Literal["channel", "block"]
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class ExpertWeights(_Strict):
@@ -62,7 +62,8 @@ class QuantizationConfig(_Strict):
     conversion: dict[str, Any] = Field(default_factory=dict)
     imma: bool | None = Field(default=None, alias=IMMA_FLAG)
 
-    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    # strict: the IMMA flag (and every other field) must be a real JSON boolean/number/string.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True, populate_by_name=True)
 
     @property
     def scale_mode(self) -> ScaleMode:
