@@ -10,6 +10,7 @@ process-global state.
 
 from __future__ import annotations
 
+import enum
 import os
 from dataclasses import dataclass
 from typing import Any, Mapping
@@ -67,40 +68,66 @@ def read_imma_flag(config: Mapping[str, Any], env: Mapping[str, str] | None = No
     return ImmaDecision(False, "checkpoint has no IMMA flag")
 
 
+class MoePath(str, enum.Enum):
+    """How routed experts run (a str, so logs and `doctor` print it as is)."""
+
+    REFERENCE = "torch reference (dequantize, per-expert matmul)"
+    MARLIN_W4A16 = "Marlin MoE W4A16"
+    MARLIN_W4A8 = "Marlin MoE W4A8 (INT8 activations)"
+    REFUSED = "refused"
+
+
+class LinearPath(str, enum.Enum):
+    """How INT8 linears run."""
+
+    REFERENCE = "torch reference (dequantize, matmul)"
+    OURS = "vllm_ampere W8A16 GEMM (AllSpark layout)"
+    MARLIN = "vLLM Marlin W8A16 (uint8b128, channel)"
+    DEQUANT_BF16 = "dequantized once to BF16 (block scales)"
+    REFUSED = "refused"
+
+
 @dataclass(frozen=True)
 class KernelPaths:
     """Which implementation each dsv4_int op takes in this process, and why."""
 
-    moe: str
-    linear: str
+    moe: MoePath
+    linear: LinearPath
     attention: str
     reasons: tuple[str, ...]
 
     def lines(self) -> list[str]:
-        return [f"routed experts: {self.moe}", f"INT8 linears: {self.linear}",
+        return [f"routed experts: {self.moe.value}", f"INT8 linears: {self.linear.value}",
                 f"sparse MLA: {self.attention}"] + [f"  because {r}" for r in self.reasons]
 
 
 def select_kernel_paths(imma: ImmaDecision, capability: int | None,
-                        have_c: bool, have_flashmla: bool) -> KernelPaths:
+                        have_c: bool, have_flashmla: bool,
+                        dense_strategy: str = "channel") -> KernelPaths:
     """The single decision table for kernel paths.
 
     capability: CUDA compute capability as an int (86 for sm_86), None without a CUDA GPU.
     have_c / have_flashmla: whether vllm_ampere._C / vllm_ampere._flashmla_C imported.
+    dense_strategy: the checkpoint's INT8 scale layout, "channel" or "block".
     """
     reasons = [str(imma)]
     if capability is None:
         reasons.append("no CUDA GPU: every dsv4_int op runs its torch reference")
-        return KernelPaths("torch reference (dequantize, per-expert matmul)",
-                           "torch reference (dequantize, matmul)", "torch reference", tuple(reasons))
+        return KernelPaths(MoePath.REFERENCE, LinearPath.REFERENCE, "torch reference", tuple(reasons))
     if capability < 80:
-        reasons.append(f"sm_{capability} is below sm_80: dsv4_int is refused on this GPU")
-        return KernelPaths("refused", "refused", "refused", tuple(reasons))
-    moe = "Marlin MoE W4A8 (INT8 activations)" if imma.enabled else "Marlin MoE W4A16"
-    if 80 <= capability < 90 and have_c:
-        linear = "vllm_ampere W8A16 GEMM (AllSpark layout)"
+        reasons.append(f"sm_{capability} is below sm_80: dsv4_int is refused on this GPU "
+                       "(Marlin INT4 MoE, cp.async and BF16 mma.sync need Ampere)")
+        return KernelPaths(MoePath.REFUSED, LinearPath.REFUSED, "refused", tuple(reasons))
+    # vLLM 0.32.0's Marlin MoE takes INT8 activations (fused_marlin_moe input_dtype=int8,
+    # gptq_marlin_moe_repack is_a_8bit, marlin_act_int8_process_scales), so IMMA maps to W4A8.
+    moe = MoePath.MARLIN_W4A8 if imma.enabled else MoePath.MARLIN_W4A16
+    if dense_strategy == "block":
+        linear = LinearPath.DEQUANT_BF16
+        reasons.append("block-scaled INT8 linears: both W8A16 GEMMs here take per-channel scales")
+    elif 80 <= capability < 90 and have_c:
+        linear = LinearPath.OURS
     else:
-        linear = "vLLM Marlin W8A16 (uint8b128, channel)"
+        linear = LinearPath.MARLIN
         reasons.append("vllm_ampere._C not built" if not have_c
                        else f"our W8A16 GEMM targets sm80-89, this GPU is sm_{capability}")
     if 80 <= capability < 90:

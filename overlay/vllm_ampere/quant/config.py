@@ -13,8 +13,10 @@ from vllm.model_executor.layers.fused_moe import RoutedExperts
 from vllm.model_executor.layers.linear import LinearBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig
 
-from vllm_ampere.flags import ImmaDecision, read_imma_flag
+from vllm_ampere.flags import ImmaDecision, KernelPaths, LinearPath, read_imma_flag, select_kernel_paths
 from vllm_ampere.quant.layers import LayerKind, Scheme, classify
+from vllm_ampere.quant.linear_w8a16 import Dsv4Int8LinearMethod
+from vllm_ampere.quant.moe_w4a16 import Dsv4Int4MoEMethod
 from vllm_ampere.quant.schema import QuantizationConfig as Schema
 
 logger = init_logger(__name__)
@@ -63,6 +65,25 @@ class Dsv4IntConfig(QuantizationConfig):
             self.imma = read_imma_flag(hf_config.to_dict())
         logger.info_once("dsv4_int: %s", self.imma)
 
+    def kernel_paths(self) -> KernelPaths:
+        """This process's kernel paths (decided in each process: workers may differ in GPU)."""
+        if getattr(self, "_paths", None) is None:
+            from vllm.platforms import current_platform
+
+            from vllm_ampere.ops import extension_available
+
+            capability = current_platform.get_device_capability() if current_platform.is_cuda() else None
+            self._paths = select_kernel_paths(
+                self.imma, None if capability is None else capability.to_int(),
+                extension_available("_C"), extension_available("_flashmla_C"), self.schema.dense_strategy)
+            if self._paths.linear is LinearPath.REFUSED:
+                raise RuntimeError(f"dsv4_int is refused on this GPU: {'; '.join(self._paths.reasons)}")
+        return self._paths
+
+    def __getstate__(self) -> dict[str, Any]:
+        # The kernel paths depend on the process's GPU; the decision inputs travel, not the result.
+        return {k: v for k, v in self.__dict__.items() if k != "_paths"}
+
     def get_quant_method(self, layer: torch.nn.Module, prefix: str):
         if isinstance(layer, RoutedExperts):
             kind = LayerKind.ROUTED_EXPERTS
@@ -73,8 +94,6 @@ class Dsv4IntConfig(QuantizationConfig):
         scheme = classify(kind, prefix)
         if scheme is Scheme.UNQUANTIZED:
             return UnquantizedLinearMethod() if kind is LayerKind.LINEAR else None
-        raise NotImplementedError(
-            f"dsv4_int: layer {prefix!r} needs the {scheme.value} method, which this build of "
-            "vllm-ampere-overlay does not provide yet (the runtime methods land with the "
-            "dsv4_int runtime issue)"
-        )
+        if scheme is Scheme.EXPERTS_W4A16:
+            return Dsv4Int4MoEMethod(layer.moe_config, self.kernel_paths(), prefix)
+        return Dsv4Int8LinearMethod(self.schema.dense_strategy, self.kernel_paths(), prefix)

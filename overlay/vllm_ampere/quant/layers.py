@@ -23,22 +23,22 @@ class LayerKind(enum.Enum):
 
 # Linear layers whose native weight is FP8 and so INT8 in a dsv4_int checkpoint, by the last
 # components of their vLLM prefix.
+#
+# Not here, although SPEC section 4 lists it: the compressors' `fused_wkv_wgate`. DeepSeek-V4
+# stores compressor wkv/wgate in BF16 (the reference inference code says so) and the pinned
+# vLLM builds that layer with quant_config=None (models/deepseek_v4/compressor.py), so it never
+# asks for a method and its direct `.weight` reads see BF16. Likewise `indexer.weights_proj`.
 INT8_LINEAR_SUFFIXES = (
     "attn.fused_wqa_wkv",  # wq_a and wkv, merged by vLLM
     "attn.wq_b",
-    "attn.wo_a",  # read directly by the inverse-RoPE output projection (patched)
+    "attn.wo_a",  # read directly by the inverse-RoPE output projection: see patches/dsv4_*wo_a*
     "attn.wo_b",
     "attn.indexer.wq_b",
-    "compressor.fused_wkv_wgate",  # read directly by the compressor (patched)
     "shared_experts.gate_up_proj",
     "shared_experts.down_proj",
     "e_proj",  # MTP
     "h_proj",  # MTP
 )
-
-# Stock code that reads these layers' `.weight` directly instead of calling the layer;
-# the runtime patches that code so the layers stay INT8 (SPEC section 4).
-DIRECT_READ_SUFFIXES = ("attn.wo_a", "compressor.fused_wkv_wgate")
 
 
 def classify(kind: LayerKind, prefix: str) -> Scheme:
