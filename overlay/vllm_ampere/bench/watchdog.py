@@ -43,7 +43,7 @@ class StallWatch:
         if not s.ok:
             silent = s.t - (self.last_ok.t if self.last_ok else self.progress_t)
             if silent >= self.stall_timeout_s:
-                return Stall(f"/metrics did not answer for {silent:.0f} s ({s.error})", self._seen(s))
+                return Stall(f"/metrics did not answer for {silent:.0f} s ({s.error})", self.snapshot(s))
             return None
         if self.first is None:
             self.first = s
@@ -63,10 +63,10 @@ class StallWatch:
             f"{what} for {stuck:.0f} s with {s.running:g} request(s) running and "
             f"{s.waiting or 0:g} waiting; {s.generated - self.first.generated:g} token(s) "
             f"generated in this row",
-            self._seen(s),
+            self.snapshot(s),
         )
 
-    def _seen(self, s: Sample) -> dict:
+    def snapshot(self, s: Sample) -> dict:
         return {
             "first": self.first.as_dict() if self.first else None,
             "last": (self.last_ok.as_dict() if self.last_ok else None),
