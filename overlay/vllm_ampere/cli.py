@@ -11,6 +11,7 @@ SUBCOMMANDS = {
     "doctor": "vllm_ampere.doctor",
     "convert": "vllm_ampere.convert.cli",
     "make-tiny": "vllm_ampere.convert.tiny",
+    "bench": "vllm_ampere.bench.command",
 }
 
 
