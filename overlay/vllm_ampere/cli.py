@@ -12,6 +12,7 @@ SUBCOMMANDS = {
     "convert": "vllm_ampere.convert.cli",
     "make-tiny": "vllm_ampere.convert.tiny",
     "bench": "vllm_ampere.bench.command",
+    "cluster": "vllm_ampere.cluster.command",
 }
 
 

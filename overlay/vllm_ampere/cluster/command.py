@@ -1,0 +1,147 @@
+"""`vllm-ampere cluster render|launch|check CLUSTER.yaml`: PP across RTX 3090 nodes on Ray."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from vllm_ampere.cluster import lmcache
+from vllm_ampere.cluster.description import Cluster, Node, load_cluster
+from vllm_ampere.cluster.render import LaunchPlan, plan
+
+HELP = "render, launch or check a pipeline-parallel deployment from a cluster description"
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("action", choices=["render", "launch", "check"],
+                        help="render: print each node's commands; launch: run this node's "
+                        "part; check: memory fit (and with --live, the running services)")
+    parser.add_argument("config", help="cluster description (YAML or JSON)")
+    parser.add_argument("--node", help="this node's name (launch, check --live)")
+    parser.add_argument("--live", action="store_true",
+                        help="check: also probe the services this node runs")
+    parser.add_argument("--gpu-wait-s", type=float, default=1800,
+                        help="launch on the head: how long to wait for all GPUs to join Ray")
+
+
+def _summary(p: LaunchPlan) -> str:
+    c = p.cluster
+    lines = [
+        f"pipeline: {c.pipeline_parallel_size} stages over {len(c.nodes)} nodes, "
+        f"context {c.context_length}, max_num_seqs {c.max_num_seqs}, "
+        f"concurrency {c.concurrency}, GPU {c.gpu_memory_bytes() / 1024**3:.1f} GiB",
+        f"VLLM_PP_LAYER_PARTITION={','.join(map(str, p.partition))}",
+        "memory per stage (GiB):",
+        p.memory_table(),
+    ]
+    if c.lmcache.enabled:
+        host = lmcache.server_node(c)
+        lines.append(f"LMCache: one server on {host.name} ({host.address}), "
+                     f"{c.lmcache.transfer_mode} transfer")
+    return "\n".join(lines)
+
+
+def _refuse(p: LaunchPlan) -> int:
+    print("refused:", file=sys.stderr)
+    for problem in p.problems:
+        print(f"  - {problem}", file=sys.stderr)
+    return 1
+
+
+def _http_ok(url: str, timeout: float = 5.0) -> tuple[bool, str]:
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status == 200, f"HTTP {r.status}"
+    except urllib.error.HTTPError as e:
+        return False, f"HTTP {e.code}"
+    except OSError as e:
+        return False, str(e)
+
+
+def live_checks(cluster: Cluster, node: Node) -> list[tuple[str, bool, str]]:
+    """(service, healthy, detail) of what `node` runs."""
+    results = []
+    if cluster.lmcache.enabled and lmcache.server_node(cluster) == node:
+        ok, said = lmcache.healthcheck(node.address, cluster.lmcache.http_port)
+        results.append(("lmcache /healthcheck", ok, said))
+    if node == cluster.head:
+        ok, said = _http_ok(f"http://{node.address}:{cluster.port}/health")
+        results.append(("vllm /health", ok, said))
+    else:
+        r = subprocess.run(["ray", "status", f"--address={cluster.head.address}:{cluster.ray_port}"],
+                           capture_output=True, text=True)
+        results.append(("ray status", r.returncode == 0, (r.stdout + r.stderr).strip()[-300:]))
+    return results
+
+
+def _wait_for_gpus(cluster: Cluster, wait_s: float) -> None:
+    import ray  # only on the head of a real deployment
+
+    want = cluster.pipeline_parallel_size
+    ray.init(address="auto", log_to_driver=False)
+    try:
+        deadline = time.monotonic() + wait_s
+        while (have := int(ray.cluster_resources().get("GPU", 0))) < want:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"only {have} of {want} GPUs joined Ray after {wait_s:.0f} s")
+            print(f"cluster: {have}/{want} GPUs in Ray, waiting for workers", flush=True)
+            time.sleep(5)
+    finally:
+        ray.shutdown()
+
+
+def _launch(p: LaunchPlan, node: Node, gpu_wait_s: float) -> int:
+    c = p.cluster
+    env = {**os.environ, **p.node_env(node)}
+    log_dir = Path(c.log_dir)
+    log_dir.mkdir(parents=True, exist_ok=True)
+    if c.lmcache.enabled and lmcache.server_node(c) == node:
+        os.environ.update(p.node_env(node))
+        server = lmcache.start_server(c, log_dir / "lmcache.log")
+        print(f"cluster: LMCache server pid {server.pid} healthy", flush=True)
+    if node != c.head:  # a worker: join Ray and stay in the foreground
+        os.execvpe("ray", p.ray_start_argv(node), env)
+    subprocess.run(p.ray_start_argv(node), env=env, check=True)
+    os.environ.update(p.node_env(node))
+    _wait_for_gpus(c, gpu_wait_s)
+    argv = p.serve_argv()
+    print("cluster: exec", " ".join(argv[:3]), "...", flush=True)
+    os.execvpe(argv[0], argv, env)
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        cluster = load_cluster(args.config)
+        launch_plan = plan(cluster)
+        node = cluster.node(args.node) if args.node else None
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(_summary(launch_plan))
+    if args.action == "check" and args.live:
+        if node is None:
+            print("error: check --live needs --node", file=sys.stderr)
+            return 2
+        results = live_checks(cluster, node)
+        for service, ok, said in results:
+            print(f"{'ok ' if ok else 'BAD'} {service}: {said}")
+        return 0 if all(ok for _, ok, _ in results) else 1
+    if launch_plan.problems:
+        return _refuse(launch_plan)
+    if args.action == "render":
+        for n in cluster.nodes:
+            print()
+            print(launch_plan.node_script(n))
+        return 0
+    if args.action == "launch":
+        if node is None:
+            print("error: launch needs --node", file=sys.stderr)
+            return 2
+        return _launch(launch_plan, node, args.gpu_wait_s)
+    return 0

@@ -1,0 +1,153 @@
+"""The LMCache KV sidecar: which topologies work with PP across nodes, its command, its health.
+
+Facts of LMCache 0.5.6 this relies on (lmcache/integration/vllm/lmcache_mp_connector.py,
+lmcache/v1/multiprocess/{config,http_server}.py):
+- only LMCacheMPConnector handles DeepSeek-V4's several KV cache groups;
+- with several servers (lmcache.mp.server_urls) it raises for pipeline_parallel_size > 1:
+  per-piece reader counts would differ per (server, stage);
+- lmcache_driven transfer (the default for CUDA workers) has the server pull KV through
+  CUDA IPC / shared memory: same node only. engine_driven has each worker copy its KV to and
+  from the server over the ZMQ request socket (pickled, no --shm-name), which works from any
+  node; worker side key `lmcache.mp.mp_transfer_mode`, server `--supported-transfer-mode`.
+- the server starts on a CPU-only machine; GET /healthcheck answers {"status": "healthy"}
+  once its cache engine is up.
+
+Topology chosen for PP across nodes: ONE server, on the head node, engine_driven. It is the
+only combination LMCache accepts with PP > 1 that reaches GPUs on other nodes; its cost is a
+copy of each stage's KV chunks over TCP on store and retrieve. Cross-node engine_driven has
+not been run on GPUs in this project yet.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+from vllm_ampere.cluster.description import Cluster
+
+CONNECTOR = "LMCacheMPConnector"
+
+
+def validate_topology(cluster: Cluster) -> list[str]:
+    """Why LMCache would refuse this cluster (empty: it accepts it)."""
+    lm = cluster.lmcache
+    if not lm.enabled:
+        return []
+    errors = []
+    pp = cluster.pipeline_parallel_size
+    if lm.servers > 1 and pp > 1:
+        errors.append(
+            f"lmcache.servers={lm.servers} with pipeline parallelism (PP={pp}): LMCache 0.5.6's "
+            "LMCacheMPConnector supports several servers only with TP, not PP. Use one server."
+        )
+    if lm.servers > 1 and pp % lm.servers:
+        errors.append(f"the {pp} workers must divide evenly over lmcache.servers={lm.servers}")
+    host = server_node(cluster)
+    remote = [n.name for n in cluster.nodes if n.name != host.name]
+    if lm.transfer_mode == "lmcache_driven" and remote:
+        errors.append(
+            f"lmcache.transfer_mode=lmcache_driven with workers on {remote}: the server on "
+            f"{host.name} pulls KV through CUDA IPC / shared memory, which do not cross nodes. "
+            "Use engine_driven (workers copy KV over TCP)."
+        )
+    return errors
+
+
+def server_node(cluster: Cluster):
+    return cluster.node(cluster.lmcache.node) if cluster.lmcache.node else cluster.head
+
+
+def kv_transfer_config(cluster: Cluster) -> dict:
+    """vLLM's --kv-transfer-config for the one server."""
+    lm = cluster.lmcache
+    return {
+        "kv_connector": CONNECTOR,
+        "kv_role": "kv_both",
+        "kv_connector_extra_config": {
+            "lmcache.mp.host": f"tcp://{server_node(cluster).address}",
+            "lmcache.mp.port": lm.port,
+            "lmcache.mp.mp_transfer_mode": lm.transfer_mode,
+        },
+    }
+
+
+def server_argv(cluster: Cluster, python: str, bind: str | None = None) -> list[str]:
+    """The server's command line; `bind` defaults to the server node's address."""
+    lm = cluster.lmcache
+    host = bind or server_node(cluster).address
+    return [
+        python, "-m", "lmcache.v1.multiprocess.http_server",
+        "--host", host, "--port", str(lm.port),
+        "--http-host", host, "--http-port", str(lm.http_port),
+        "--l1-size-gb", f"{lm.l1_size_gb:g}", "--eviction-policy", lm.eviction_policy,
+        "--supported-transfer-mode", lm.transfer_mode,
+        "--chunk-size", "256",  # = DeepSeek-V4's KV block (vLLM block_size 256)
+    ]
+
+
+def lmcache_python() -> str:
+    """The interpreter that has lmcache: this one (the image), else the repo's .venv-lmcache."""
+    if importlib.util.find_spec("lmcache") is not None:
+        return sys.executable
+    venv = Path(__file__).resolve().parents[3] / ".venv-lmcache" / "bin" / "python"
+    if venv.exists():
+        return str(venv)
+    raise RuntimeError(
+        "lmcache is not installed here and .venv-lmcache is missing: run tools/setup-lmcache-env.sh"
+    )
+
+
+def healthcheck(host: str, http_port: int, timeout: float = 2.0) -> tuple[bool, str]:
+    """(healthy, what the server said) for GET /healthcheck."""
+    url = f"http://{host}:{http_port}/healthcheck"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            body = r.read().decode(errors="replace")
+            return r.status == 200 and json.loads(body).get("status") == "healthy", body
+    except urllib.error.HTTPError as e:
+        return False, f"HTTP {e.code}: {e.read().decode(errors='replace')}"
+    except (OSError, ValueError) as e:
+        return False, str(e)
+
+
+def start_server(cluster: Cluster, log_path: Path, python: str | None = None,
+                 bind: str | None = None, wait_s: float = 120.0) -> subprocess.Popen:
+    """Start the server, wait until /healthcheck says healthy; raise with its log tail if not."""
+    argv = server_argv(cluster, python or lmcache_python(), bind)
+    host = bind or server_node(cluster).address
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    log = open(log_path, "ab")
+    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log.close()
+    deadline = time.monotonic() + wait_s
+    said = ""
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            break
+        ok, said = healthcheck(host, cluster.lmcache.http_port)
+        if ok:
+            return proc
+        time.sleep(0.5)
+    stop_server(proc)
+    tail = log_path.read_text(errors="replace")[-3000:]
+    raise RuntimeError(
+        f"LMCache server not healthy at http://{host}:{cluster.lmcache.http_port}/healthcheck "
+        f"(exit code {proc.returncode}, last answer: {said}); log {log_path}:\n{tail}"
+    )
+
+
+def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:
+    """SIGTERM (the server shuts its engine down cleanly), SIGKILL if it does not exit."""
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
