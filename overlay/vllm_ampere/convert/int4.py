@@ -5,7 +5,7 @@ Why tables. Within one MXFP4 group every value is code * 2^(u-127), with one e8m
 whole computation for one candidate divisor (s = bf16(a/div), q = clamp(rne(g/s)), the fp32
 squared error term of each element) depends only on (u, m, div, code). We evaluate it once
 for every such combination, literally in fp32 with one torch op per spec step, on the CPU
-(so every device uses the very same table), and a group's work shrinks to counting its codes.
+(so every device uses the very same table); a group's work shrinks to table lookups per byte.
 
 The error sum. The spec's `err = sum((q*s - g)**2)  # fp32` leaves the order of additions open,
 and in fp32 the order can flip a comparison between two close candidates. We define err as the
@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
+import torch.nn.functional as F
 
-from .codecs import E2M1_MAGNITUDES, MXFP4_GROUP, bf16, e2m1_table, e8m0_table, pack_nibbles, unpack_nibbles
+from .codecs import E2M1_MAGNITUDES, MXFP4_GROUP, bf16, e2m1_table, e8m0_table
 from .errors import ConversionError
 
 DEFAULT_GRID = (5.0, 9.5, 0.25)  # START, STOP, STEP of --mse-grid: 19 divisors
@@ -71,7 +72,11 @@ class Int4Result:
 
 
 class Int4Quantizer:
-    """Quantizes MXFP4 tensors for one divisor grid; build once, call per tensor."""
+    """Quantizes MXFP4 tensors for one divisor grid; build once, call per tensor.
+
+    The tables are indexed by byte (two codes): a group's candidate errors are the sum over its
+    16 bytes of per-byte error pairs (one embedding_bag), and each output byte is a lookup.
+    """
 
     def __init__(self, grid: Sequence[float], device: torch.device | str = "cpu", chunk_values: int = 1 << 21):
         self.grid = tuple(grid)
@@ -80,11 +85,13 @@ class Int4Quantizer:
         self.device = torch.device(device)
         self.chunk_groups = max(1, chunk_values // MXFP4_GROUP)
         terms, scales, codes, absdiff, finite = _tables(self.grid)
-        # terms: float64 [KEYS, 16, C + 2]: candidates, the absmax7 column, then g^2 (signal).
-        self.terms = terms.to(self.device)
+        lo, hi = torch.arange(256) & 0xF, torch.arange(256) >> 4
+        c = len(self.grid)
+        # [KEYS * 256, C + 2] float64: exact, since both terms are multiples of one power of two.
+        self.bag = (terms[:, lo, :] + terms[:, hi, :]).reshape(_KEYS * 256, c + 2).to(self.device)
         self.scales = scales.to(self.device)  # bfloat16 [KEYS, C]
-        self.codes = codes.flatten().to(self.device)  # uint8 [KEYS * C * 16]: q + 8
-        self.absdiff = absdiff.flatten().to(self.device)  # fp32 [KEYS * C * 16]: |q*s - g|
+        self.out_bytes = (codes[:, :, lo] | (codes[:, :, hi] << 4)).flatten().to(self.device)  # uint8 [KEYS*C*256]
+        self.absdiff = torch.maximum(absdiff[:, :, lo], absdiff[:, :, hi]).flatten().to(self.device)
         self.finite = finite.to(self.device)  # bool [KEYS]
 
     def __call__(self, weight_u8: torch.Tensor, scale_u8: torch.Tensor) -> Int4Result:
@@ -102,40 +109,25 @@ class Int4Quantizer:
         )
 
     def _chunk(self, w: torch.Tensor, u: torch.Tensor):
-        g = u.numel()
-        codes = unpack_nibbles(w).long()  # [G, 32]
-        mag = (codes & 7).amax(dim=1)
-        key = u.long() * _MAGS + mag
+        mag = torch.maximum(w & 7, (w >> 4) & 7).amax(dim=1)
+        key = u.long() * _MAGS + mag.long()
         if not bool(self.finite[key].all()):
             bad = int(torch.nonzero(~self.finite[key])[0])
             raise ConversionError(
                 f"MXFP4 group {bad} (scale byte {int(u[bad])}) decodes to a value beyond fp32 range"
             )
-        counts = torch.bincount((torch.arange(g, device=w.device).unsqueeze(1) * _CODES + codes).flatten(), minlength=g * _CODES)
-        counts = counts.reshape(g, _CODES).to(torch.float64)
-        sums = self._segment_sums(key, counts)  # [G, C + 2], exact
+        wl = w.long()
+        sums = F.embedding_bag(key.unsqueeze(1) * 256 + wl, self.bag, mode="sum")  # [G, C + 2], exact
+        sums.clamp_(max=OVERFLOW)  # every infinite error equal: a tie, as inf == inf
         c = len(self.grid)
         best = torch.argmin(sums[:, :c], dim=1)  # first minimum: ties keep the smaller divisor
-        scale = self.scales[key, best]
-        idx = ((key * c + best) * _CODES).unsqueeze(1) + codes
-        q = self.codes[idx]
-        err = sums.gather(1, best.unsqueeze(1)).squeeze(1)
-        return pack_nibbles(q), scale, err, sums[:, c], sums[:, c + 1], self.absdiff[idx].amax().reshape(1)
+        idx = ((key * c + best) * 256).unsqueeze(1) + wl
+        err, err7 = (_inf(x) for x in (sums.gather(1, best.unsqueeze(1)).squeeze(1), sums[:, c]))
+        return self.out_bytes[idx], self.scales[key, best], err, err7, sums[:, c + 1], self.absdiff[idx].amax().reshape(1)
 
-    def _segment_sums(self, key: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """counts[g] @ terms[key[g]] for every group: one small float64 matmul per distinct key."""
-        order = torch.argsort(key)
-        keys, lengths = torch.unique_consecutive(key[order], return_counts=True)
-        sorted_counts = counts[order]
-        out = torch.empty(key.numel(), self.terms.shape[2], dtype=torch.float64, device=key.device)
-        start = 0
-        for k, n in zip(keys.tolist(), lengths.tolist()):
-            out[start : start + n] = sorted_counts[start : start + n] @ self.terms[k]
-            start += n
-        out[out >= OVERFLOW] = float("inf")
-        result = torch.empty_like(out)
-        result[order] = out
-        return result
+
+def _inf(x: torch.Tensor) -> torch.Tensor:
+    return torch.where(x >= OVERFLOW, float("inf"), x)
 
 
 def _tables(grid: tuple[float, ...]):
@@ -168,7 +160,7 @@ def _tables(grid: tuple[float, ...]):
     finite[255] = False  # e8m0 NaN
     c = len(grid)
     return (
-        terms.reshape(_KEYS, len(divs) + 1, _CODES).transpose(1, 2).contiguous(),
+        terms.reshape(_KEYS, len(divs) + 1, _CODES).transpose(1, 2).contiguous(),  # [KEYS, 16, C + 2]
         bf16(s[:, :, :c].reshape(_KEYS, c)),
         (q[:, :, :c].reshape(_KEYS, c, _CODES) + 8).to(torch.uint8),
         absdiff[:, :, :c].reshape(_KEYS, c, _CODES).contiguous(),
