@@ -24,7 +24,7 @@ import torch
 from vllm_ampere.ops import w8a16
 from vllm_ampere.ops.w8a16 import DSV4_FLASH_SHAPES
 
-MS = (1, 2, 4, 8, 16, 64, 512, 2048)
+MS = (1, 2, 4, 8, 16, 32, 64, 512, 2048)
 ROTATE_BYTES = 512 << 20  # weight copies per shape: at least this much, >> the 50-60 MB L2s
 
 
@@ -52,12 +52,31 @@ def time_graph(calls, replays=10) -> float:
     return statistics.median(times)
 
 
-def copy_bandwidth() -> float:
-    """Bytes read + written per second of a 2 GiB device-to-device copy."""
-    src = torch.empty(1 << 30, dtype=torch.uint8, device="cuda").random_()
+def time_eager(fn, reps=20) -> float:
+    """Median seconds of fn() by CUDA events, after a warm-up that also lifts the clocks."""
+    for _ in range(5):
+        fn()
+    times = []
+    for _ in range(reps):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times)
+
+
+def ceilings() -> tuple[float, float]:
+    """(copy, read) bandwidth in bytes/s: a 2 GiB device-to-device copy counting bytes read +
+    written, and a 2 GiB sum counting bytes read. Eager launches: a copy captured in a graph
+    becomes a copy-engine node, which the first run here measured at about 2.7 TB/s."""
+    src = torch.empty(1 << 31, dtype=torch.uint8, device="cuda").random_()
     dst = torch.empty_like(src)
-    t = time_graph([lambda: dst.copy_(src)] * 5)
-    return 2 * src.numel() / t
+    copy = 2 * src.numel() / time_eager(lambda: dst.copy_(src))
+    words = src.view(torch.int64)
+    read = src.numel() / time_eager(lambda: words.sum())
+    return copy, read
 
 
 def marlin_runner():
@@ -91,11 +110,10 @@ def bench_shape(name, n, k, ms, marlin, bw):
     rows = []
     for m in ms:
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
-        ours = time_graph([lambda p=p, s=s: w8a16.gemm(a, p, s) for p, s in zip(packed, scales)])
-        fused = (
-            time_graph([lambda p=p, s=s: w8a16.gemm(a, p, s, path="fused") for p, s in zip(packed, scales)])
-            if m > 64 else ours
-        )
+        paths = {}
+        for path in ("auto", "fused", "dequant"):
+            paths[path] = time_graph([lambda p=p, s=s: w8a16.gemm(a, p, s, path=path) for p, s in zip(packed, scales)])
+        ours = paths["auto"]
         deq = time_graph(
             [lambda w=w, s=s: a @ ((w.to(torch.bfloat16) - 128) * s[:, None]).T for w, s in zip(ws, scales)]
         )
@@ -103,8 +121,9 @@ def bench_shape(name, n, k, ms, marlin, bw):
         wb = [((w.to(torch.bfloat16) - 128) * s[:, None]) for w, s in zip(ws[: max(2, copies // 2)], scales)]
         cublas = time_graph([lambda w=w: a @ w.T for w in wb])
         del wb
-        row = dict(shape=name, n=n, k=k, m=m, ours_us=ours * 1e6, fused_us=fused * 1e6,
-                   weight_gbs=n * k / ours / 1e9, of_copy_bw=n * k / ours / bw,
+        row = dict(shape=name, n=n, k=k, m=m, ours_us=ours * 1e6, fused_us=paths["fused"] * 1e6,
+                   ours_dequant_us=paths["dequant"] * 1e6,
+                   weight_gbs=n * k / ours / 1e9, of_copy_bw=n * k / ours / bw[0], of_read_bw=n * k / ours / bw[1],
                    dequant_matmul_us=deq * 1e6, cublas_only_us=cublas * 1e6,
                    tflops=2 * m * n * k / ours / 1e12)  # fmt: skip
         if marlin:
@@ -117,7 +136,7 @@ def bench_shape(name, n, k, ms, marlin, bw):
         rows.append(row)
         print(
             f"{name:40s} M={m:5d} ours {row['ours_us']:8.1f} us  {row['weight_gbs']:7.0f} GB/s "
-            f"({row['of_copy_bw'] * 100:5.1f}% copy bw)  fused {row['fused_us']:8.1f}  "
+            f"({row['of_copy_bw'] * 100:5.1f}% copy bw)  fused {row['fused_us']:8.1f}  ours-dequant {row['ours_dequant_us']:8.1f}  "
             f"deq+mm {row['dequant_matmul_us']:8.1f}  cublas {row['cublas_only_us']:8.1f}"
             + (f"  marlin {row['marlin_us']:.1f}" if row.get("marlin_us") else ""),
             flush=True,
@@ -135,7 +154,7 @@ def sweep_split_k(n, k, m, bw):
     out = {}
     for split in (0, 1, 2, 4, 8, 16, 32):
         t = time_graph([lambda p=p: w8a16.gemm(a, p, scale, path="fused", split_k=split) for p in packed])
-        out["auto" if split == 0 else str(split)] = round(n * k / t / bw * 100, 1)
+        out["auto" if split == 0 else str(split)] = round(n * k / t / bw[0] * 100, 1)
     print(f"split-K sweep N={n} K={k} M={m}: % of copy bw {out}", flush=True)
     return dict(n=n, k=k, m=m, pct_copy_bw=out)
 
@@ -147,9 +166,9 @@ def main():
     args = parser.parse_args()
     os.environ.setdefault(w8a16.FORCE_ENV, "1")  # newer GPUs run the sm_80 PTX
     props = torch.cuda.get_device_properties(0)
-    bw = copy_bandwidth()
-    print(f"{props.name} ({props.multi_processor_count} SMs, sm_{props.major}{props.minor}), "
-          f"copy bandwidth {bw / 1e9:.0f} GB/s (read + write)")  # fmt: skip
+    bw = ceilings()
+    print(f"{props.name} ({props.multi_processor_count} SMs, sm_{props.major}{props.minor}), copy "
+          f"bandwidth {bw[0] / 1e9:.0f} GB/s (read + write), read bandwidth {bw[1] / 1e9:.0f} GB/s")  # fmt: skip
     marlin, marlin_note = marlin_runner()
     print(marlin_note if marlin is None else "vLLM Marlin: available")
     ms = (1, 16, 2048) if args.quick else MS
@@ -158,16 +177,18 @@ def main():
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(dict(device=props.name, copy_bw_gbs=bw / 1e9, marlin=marlin_note, rows=rows, sweeps=sweeps), f, indent=1)
+            json.dump(dict(device=props.name, copy_bw_gbs=bw[0] / 1e9, read_bw_gbs=bw[1] / 1e9, marlin=marlin_note, rows=rows, sweeps=sweeps), f, indent=1)
 
 
 def print_table(rows):
-    print("\n| shape | N x K | M | ours us | weight GB/s | % copy bw | dequant+matmul us | cuBLAS-only us | Marlin us |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("\n| shape | N x K | M | ours us | weight GB/s | % copy bw | % read bw | fused us | our dequant+cuBLAS us "
+          "| torch dequant+matmul us | cuBLAS-only us | Marlin us |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         marlin = f"{r['marlin_us']:.1f}" if r.get("marlin_us") else "n/a"
         print(f"| {r['shape']} | {r['n']}x{r['k']} | {r['m']} | {r['ours_us']:.1f} | {r['weight_gbs']:.0f} | "
-              f"{r['of_copy_bw'] * 100:.1f} | {r['dequant_matmul_us']:.1f} | {r['cublas_only_us']:.1f} | {marlin} |")  # fmt: skip
+              f"{r['of_copy_bw'] * 100:.1f} | {r['of_read_bw'] * 100:.1f} | {r['fused_us']:.1f} | {r['ours_dequant_us']:.1f} | "
+              f"{r['dequant_matmul_us']:.1f} | {r['cublas_only_us']:.1f} | {marlin} |")  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -8,7 +8,7 @@
 //       a: bf16|fp16 [M, K]; qweight: w8a16_repack's output; scale: bf16 [N];
 //       locks: int32 [>= ceil(N/64)], zero, owned by this weight (the kernel leaves it zero);
 //       split_k: 0 = planned, > 0 = asked-for split (fused path, M <= 8*tile only);
-//       path: 0 = auto (fused for M <= 64, else dequant + cuBLAS), 1 = fused, 2 = dequant + cuBLAS.
+//       path: 0 = auto (fused for M <= 32, else dequant + cuBLAS), 1 = fused, 2 = dequant + cuBLAS.
 //       returns [M, N] in a's dtype.
 #include <ATen/ATen.h>
 #include <c10/cuda/CUDAException.h>
@@ -91,7 +91,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor
               locks.sizes());
   TORCH_CHECK(path >= 0 && path <= 2, "w8a16_gemm: path must be 0 (auto), 1 (fused) or 2 (dequant)");
   TORCH_CHECK(split_k >= 0, "w8a16_gemm: split_k must be >= 0");
-  TORCH_CHECK(path == 2 || (m + 63) / 64 <= 65535, "w8a16_gemm: M = ", m,
+  TORCH_CHECK(path == 2 || (m + 31) / 32 <= 65535, "w8a16_gemm: M = ", m,
               " is past the fused kernel's grid; use path 0 or 2");
   TORCH_CHECK(a.is_contiguous() && qweight.is_contiguous() && scale.is_contiguous() &&
                   locks.is_contiguous(),

@@ -31,13 +31,16 @@ constexpr int kTokensPerTile = 8;                // mma N dimension: tokens per 
 constexpr int kWarps = 4;                    // warps per CTA, one 16-row strip each
 constexpr int kThreads = kWarps * 32;        // 128
 constexpr int kBlockRows = kWarps * kStripRows;  // 64 output features per CTA (one split-K lock)
-constexpr int kUnroll = 8;  // k-tiles whose weight loads a warp issues at once: 4 KiB in flight
+// k-tiles per weight chunk; two chunks are in registers (double buffer): up to 8 KiB in flight
+// per warp.
+constexpr int kUnroll = 8;
 
 // Split-K: aim for this many CTAs per SM so that enough bytes are in flight to cover DRAM latency.
 constexpr int kTargetCtasPerSm = 4;
 
-// Above this M the fused kernel would re-stream the weights once per 64 tokens; the host then
-// dequantizes into a BF16/FP16 buffer and calls cuBLAS instead (see w8a16_binding.cpp).
-constexpr int kFusedMaxM = 64;
+// Above this M the host dequantizes into a BF16/FP16 buffer and calls cuBLAS instead (see
+// w8a16_binding.cpp): each warp re-reads all M activations from L1 per weight tile, so past 32
+// tokens the fused kernel is L1-bound and the H200 run measured it slower than that path.
+constexpr int kFusedMaxM = 32;
 
 }  // namespace w8a16

@@ -16,16 +16,15 @@ cudaError_t launch_gemm(const GemmParams& p, cudaStream_t stream);
 namespace {
 int ceil_div(int a, int b) { return (a + b - 1) / b; }
 
-// Narrowest instantiated token tile that holds M (all of it up to 64 tokens).
-int token_tiles(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : m <= 32 ? 4 : 8; }
+// Narrowest instantiated token tile that holds M (all of it up to 32 tokens).
+int token_tiles(int m) { return m <= 8 ? 1 : m <= 16 ? 2 : 4; }
 
 template <typename T>
 cudaError_t launch(const GemmParams& p, cudaStream_t stream) {
   switch (token_tiles(p.m)) {
     case 1: return launch_gemm<T, 1>(p, stream);
     case 2: return launch_gemm<T, 2>(p, stream);
-    case 4: return launch_gemm<T, 4>(p, stream);
-    default: return launch_gemm<T, 8>(p, stream);
+    default: return launch_gemm<T, 4>(p, stream);
   }
 }
 }  // namespace

@@ -1,10 +1,9 @@
-// fp16 instantiations of the fused kernel. MT = 1, 2, 4, 8 token tiles cover M <= 8 (decode),
-// 16, 32 and 64 (kFusedMaxM); larger M goes to dequant + cuBLAS, so no wider tile is built.
+// fp16 instantiations of the fused kernel. MT = 1, 2, 4 token tiles cover M <= 8 (decode), 16 and
+// 32 (kFusedMaxM); larger M goes to dequant + cuBLAS (a forced fused call loops 32-token blocks).
 #include "w8a16_gemm_kernel.cuh"
 
 namespace w8a16 {
 template cudaError_t launch_gemm<__half, 1>(const GemmParams&, cudaStream_t);
 template cudaError_t launch_gemm<__half, 2>(const GemmParams&, cudaStream_t);
 template cudaError_t launch_gemm<__half, 4>(const GemmParams&, cudaStream_t);
-template cudaError_t launch_gemm<__half, 8>(const GemmParams&, cudaStream_t);
 }  // namespace w8a16

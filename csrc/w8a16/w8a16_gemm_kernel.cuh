@@ -15,8 +15,17 @@ __device__ __forceinline__ float bf16_bits_to_float(uint16_t bits) {
   return __uint_as_float(static_cast<uint32_t>(bits) << 16);
 }
 
-// Step 1: one warp streams its 16-row strip over k-tiles [kt_begin, kt_end), all kUnroll weight
-// loads of a chunk in flight before any is used, and accumulates 16 rows x 8*MT tokens.
+// Step 1a: issue the 16-byte weight loads of up to kUnroll k-tiles from kt (those < kt_end).
+__device__ __forceinline__ void load_chunk(const uint8_t* w, int kt, int kt_end, uint4 (&buf)[kUnroll]) {
+#pragma unroll
+  for (int u = 0; u < kUnroll; ++u)
+    if (kt + u < kt_end) buf[u] = ld_stream(w + u * kTileBytes);
+}
+
+// Step 1b: one warp streams its 16-row strip over k-tiles [kt_begin, kt_end) and accumulates
+// 16 rows x 8*MT tokens. Weight chunks are double-buffered in registers: the loads of chunk
+// i+1 are in flight while chunk i is dequantized and multiplied, so a warp never waits a full
+// DRAM round trip per chunk.
 template <typename T, int MT>
 __device__ __forceinline__ void stream_strip(const GemmParams& p, int strip, int kt_begin,
                                              int kt_end, int m_base, int lane, FragC (&acc)[MT]) {
@@ -33,17 +42,17 @@ __device__ __forceinline__ void stream_strip(const GemmParams& p, int strip, int
     a_row[j] = static_cast<const T*>(p.a) + static_cast<size_t>(a_valid[j] ? token : 0) * p.k + 8 * t;
   }
 
+  uint4 cur[kUnroll], next[kUnroll];
+  load_chunk(w, kt_begin, kt_end, cur);
   for (int kt = kt_begin; kt < kt_end; kt += kUnroll) {
-    uint4 wt[kUnroll];
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u)
-      if (kt + u < kt_end) wt[u] = ld_stream(w + u * kTileBytes);
+    w += kUnroll * kTileBytes;
+    load_chunk(w, kt + kUnroll, kt_end, next);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
       if (kt + u >= kt_end) break;
       const int k0 = (kt + u) * kTileK;  // first k of this tile; this lane's k is k0 + 8t
       FragA step0, step1;
-      dequant_tile<T>(wt[u], step0, step1);
+      dequant_tile<T>(cur[u], step0, step1);
 #pragma unroll
       for (int j = 0; j < MT; ++j) {
         // K padding (k >= K) and absent tokens contribute zeros.
@@ -53,7 +62,8 @@ __device__ __forceinline__ void stream_strip(const GemmParams& p, int strip, int
         MmaType<T>::mma(acc[j], step1, FragB{{x.z, x.w}});
       }
     }
-    w += kUnroll * kTileBytes;
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) cur[u] = next[u];
   }
 }
 

@@ -18,9 +18,10 @@ struct FragC { float r[4]; };
 
 template <typename T> struct MmaType;
 template <> struct MmaType<__nv_bfloat16> {
-  // Tensor-core product with fp32 accumulation; the weight codes are exact in bf16.
+  // Tensor-core product with fp32 accumulation; the weight codes are exact in bf16. Not
+  // volatile: it has no side effect, so the compiler may schedule loads around it.
   static __device__ __forceinline__ void mma(FragC& c, const FragA& a, const FragB& b) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c.r[0]), "+f"(c.r[1]), "+f"(c.r[2]), "+f"(c.r[3])
@@ -44,7 +45,7 @@ template <> struct MmaType<__nv_bfloat16> {
 };
 template <> struct MmaType<__half> {
   static __device__ __forceinline__ void mma(FragC& c, const FragA& a, const FragB& b) {
-    asm volatile(
+    asm(
         "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 "
         "{%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
         : "+f"(c.r[0]), "+f"(c.r[1]), "+f"(c.r[2]), "+f"(c.r[3])
@@ -64,7 +65,8 @@ template <> struct MmaType<__half> {
 };
 
 // Weights are read exactly once: bypass L1 (keep it for the shared activations) and let L2
-// fetch 256-byte sectors ahead of the warp's contiguous stream.
+// fetch 256-byte sectors ahead of the warp's contiguous stream. Volatile keeps the prefetch
+// where it is written instead of sunk next to its use.
 __device__ __forceinline__ uint4 ld_stream(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];\n"

@@ -144,19 +144,27 @@ def test_cuda_graph_replay():
         assert_close(out, reference(a, w, scale), torch.bfloat16, "graph replay")
 
 
-def test_bad_inputs_are_refused_at_the_binding():
+BAD_INPUTS = {  # name: (a, qweight, scale, locks) from a good call -> a bad one, message
+    "non-contiguous a": (lambda a, q, s, l: (a.t().contiguous().t(), q, s, l), "contiguous"),  # a.T's layout
+    "misaligned a": (lambda a, q, s, l: (torch.randn(a.numel() + 4, device=DEV, dtype=a.dtype)[4:].view(a.shape), q, s, l), "aligned"),
+    "short locks": (lambda a, q, s, l: (a, q, s, l[:0]), "locks"),
+    "fp32 scale": (lambda a, q, s, l: (a, q, s.float(), l), "scale"),
+    "a on the CPU": (lambda a, q, s, l: (a.cpu(), q, s, l), "CUDA"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_inputs_are_refused_at_the_binding(case):
     w, scale = make_weight(64, 128, seed=11)
     packed = w8a16.repack(w, scale)
-    op = torch.ops.vllm_ampere.w8a16_gemm
     a = torch.randn(2, 128, device=DEV, dtype=torch.bfloat16)
-    with pytest.raises(RuntimeError, match="contiguous"):
-        op(torch.randn(128, 2, device=DEV, dtype=torch.bfloat16).t(), packed.qweight, scale, packed.locks, 0, 0)
-    with pytest.raises(RuntimeError, match="aligned"):
-        op(torch.randn(2 * 128 + 4, device=DEV, dtype=torch.bfloat16)[4:].view(2, 128), packed.qweight, scale, packed.locks, 0, 0)
-    with pytest.raises(RuntimeError, match="locks"):
-        op(a, packed.qweight, scale, packed.locks[:0], 0, 0)
-    with pytest.raises(RuntimeError, match="CUDA"):
-        op(a.cpu(), packed.qweight, scale, packed.locks, 0, 0)
+    make_bad, message = BAD_INPUTS[case]
+    args = make_bad(a, packed.qweight, scale, packed.locks)
+    with pytest.raises(RuntimeError, match=message):
+        torch.ops.vllm_ampere.w8a16_gemm(*args, 0, 0)
+
+
+def test_repack_refuses_bad_shape_at_the_binding():
     with pytest.raises(RuntimeError, match="multiples of 16"):
         torch.ops.vllm_ampere.w8a16_repack(torch.zeros(24, 32, dtype=torch.uint8, device=DEV))
 
