@@ -24,6 +24,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         "part; check: memory fit (and with --live, the running services)")
     parser.add_argument("config", help="cluster description (YAML or JSON)")
     parser.add_argument("--node", help="this node's name (launch, check --live)")
+    parser.add_argument("--role", choices=["head", "worker"],
+                        help="launch: refuse unless --node has this role (the head is the "
+                        "first node of the description)")
     parser.add_argument("--live", action="store_true",
                         help="check: also probe the services this node runs")
     parser.add_argument("--gpu-wait-s", type=float, default=1800,
@@ -142,6 +145,11 @@ def run(args: argparse.Namespace) -> int:
     if args.action == "launch":
         if node is None:
             print("error: launch needs --node", file=sys.stderr)
+            return 2
+        role = "head" if node == cluster.head else "worker"
+        if args.role and args.role != role:
+            print(f"error: node {node.name} is a {role} in {args.config} "
+                  f"(the head is {cluster.head.name}), not a {args.role}", file=sys.stderr)
             return 2
         return _launch(launch_plan, node, args.gpu_wait_s)
     return 0
