@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-call GPU check of the W8A16 GEMM: build vllm_ampere._C, run its GPU tests, benchmark.
-#   bash benchmarks/w8a16_device_check.sh     (logs under $OUT, default out/w8a16)
+#   bash benchmarks/w8a16_device_check.sh [--no-bench]   (logs under $OUT, default out/w8a16)
 # Builds csrc/ alone with torch.utils.cpp_extension (setup.py would also build the sparse-MLA
 # extension) for compute_80 PTX + sm_80 code: a newer GPU runs the PTX, as the product ships it.
 set -uo pipefail
@@ -31,6 +31,7 @@ timeout 45 python3 -m pytest -v -p no:cacheprovider tests/gpu/test_w8a16_gpu.py 
   >"$OUT/gpu_bad_inputs.log" 2>&1
 echo "bad-input tests: rc=$?"; grep -E "PASSED|FAILED|Fatal|line [0-9]+ in test_" "$OUT/gpu_bad_inputs.log" | head -12
 
+[ "${1:-}" = --no-bench ] && exit 0
 start=$SECONDS
 timeout 150 python3 benchmarks/bench_w8a16.py --json "$OUT/bench.json" >"$OUT/bench.log" 2>&1
 echo "bench: rc=$? $((SECONDS - start)) s"; grep -vE "^\S.* M= " "$OUT/bench.log" | tail -120

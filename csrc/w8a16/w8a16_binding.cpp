@@ -16,12 +16,40 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <string>
+
 #include "w8a16_config.h"
 #include "w8a16_params.h"
 
 namespace {
 
 constexpr int64_t kPackedBytes = w8a16::kTileBytes;  // bytes per (strip, k-tile)
+
+// Error messages format dtypes, shapes and devices with these helpers into plain strings: on
+// the H200 test machine (torch 2.11) a TORCH_CHECK that streamed a ScalarType and an
+// IntArrayRef from this library crashed with SIGSEGV instead of raising.
+const char* dtype_name(const at::Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kByte: return "uint8";
+    case at::kChar: return "int8";
+    case at::kInt: return "int32";
+    case at::kLong: return "int64";
+    case at::kHalf: return "float16";
+    case at::kBFloat16: return "bfloat16";
+    case at::kFloat: return "float32";
+    default: return "another dtype";
+  }
+}
+
+std::string shape(const at::Tensor& t) {
+  std::string out = "[";
+  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + std::to_string(t.size(i));
+  return out + "]";
+}
+
+std::string device_name(const at::Tensor& t) {
+  return t.is_cuda() ? "cuda:" + std::to_string(t.get_device()) : "cpu";
+}
 
 int device_attribute(cudaDeviceAttr attr, int device) {
   int value = 0;
@@ -30,9 +58,9 @@ int device_attribute(cudaDeviceAttr attr, int device) {
 }
 
 void check_cuda_sm80(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.is_cuda(), "w8a16: ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK(t.is_cuda(), "w8a16: ", name, " must be a CUDA tensor, got ", device_name(t));
   const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, t.get_device());
-  TORCH_CHECK(major >= 8, "w8a16: needs compute capability >= 8.0 (mma.sync bf16), ", t.device(),
+  TORCH_CHECK(major >= 8, "w8a16: needs compute capability >= 8.0 (mma.sync bf16), ", device_name(t),
               " is ", major, ".", device_attribute(cudaDevAttrComputeCapabilityMinor, t.get_device()));
 }
 
@@ -42,17 +70,17 @@ void check_16b_aligned(const at::Tensor& t, const char* name) {
 }
 
 void check_same_device(const at::Tensor& t, const at::Tensor& ref, const char* name) {
-  TORCH_CHECK(t.device() == ref.device(), "w8a16: ", name, " is on ", t.device(), ", a is on ",
-              ref.device());
+  TORCH_CHECK(t.device() == ref.device(), "w8a16: ", name, " is on ", device_name(t), ", a is on ",
+              device_name(ref));
 }
 
 at::Tensor repack(const at::Tensor& weight) {
-  TORCH_CHECK(weight.dim() == 2, "w8a16_repack: weight must be [N, K], got ", weight.sizes());
+  TORCH_CHECK(weight.dim() == 2, "w8a16_repack: weight must be [N, K], got ", shape(weight));
   TORCH_CHECK(weight.scalar_type() == at::kByte, "w8a16_repack: weight must be uint8 (q + 128), got ",
-              weight.scalar_type());
+              dtype_name(weight));
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK(n > 0 && k > 0 && n % 16 == 0 && k % 16 == 0,
-              "w8a16_repack: N and K must be positive multiples of 16, got ", weight.sizes());
+              "w8a16_repack: N and K must be positive multiples of 16, got ", shape(weight));
   TORCH_CHECK(n * k < (int64_t{1} << 40), "w8a16_repack: weight too large");
   TORCH_CHECK(weight.is_contiguous(), "w8a16_repack: weight must be contiguous");
   check_cuda_sm80(weight, "weight");
@@ -68,13 +96,13 @@ at::Tensor repack(const at::Tensor& weight) {
 
 at::Tensor gemm(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor& scale,
                 const at::Tensor& locks, int64_t split_k, int64_t path) {
-  TORCH_CHECK(a.dim() == 2, "w8a16_gemm: a must be [M, K], got ", a.sizes());
+  TORCH_CHECK(a.dim() == 2, "w8a16_gemm: a must be [M, K], got ", shape(a));
   TORCH_CHECK(a.scalar_type() == at::kBFloat16 || a.scalar_type() == at::kHalf,
-              "w8a16_gemm: a must be bfloat16 or float16, got ", a.scalar_type());
+              "w8a16_gemm: a must be bfloat16 or float16, got ", dtype_name(a));
   TORCH_CHECK(qweight.dim() == 3 && qweight.scalar_type() == at::kByte &&
                   qweight.size(2) == kPackedBytes,
               "w8a16_gemm: qweight must be w8a16_repack's uint8 [N/16, Kp/32, 512], got ",
-              qweight.scalar_type(), " ", qweight.sizes());
+              dtype_name(qweight), " ", shape(qweight));
   const int64_t m = a.size(0), k = a.size(1), n = qweight.size(0) * 16;
   const int64_t k_tiles = qweight.size(1);
   TORCH_CHECK(k > 0 && k % 16 == 0, "w8a16_gemm: K must be a positive multiple of 16, got ", k);
@@ -83,12 +111,12 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor
   TORCH_CHECK(n > 0 && m < (int64_t{1} << 31) && n * k < (int64_t{1} << 40),
               "w8a16_gemm: sizes out of range");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == n && scale.scalar_type() == at::kBFloat16,
-              "w8a16_gemm: scale must be bfloat16 [N = ", n, "], got ", scale.scalar_type(), " ",
-              scale.sizes());
+              "w8a16_gemm: scale must be bfloat16 [N = ", n, "], got ", dtype_name(scale), " ",
+              shape(scale));
   TORCH_CHECK(locks.dim() == 1 && locks.scalar_type() == at::kInt &&
                   locks.size(0) >= (n + w8a16::kBlockRows - 1) / w8a16::kBlockRows,
-              "w8a16_gemm: locks must be int32 [>= ceil(N/64)], got ", locks.scalar_type(), " ",
-              locks.sizes());
+              "w8a16_gemm: locks must be int32 [>= ceil(N/64)], got ", dtype_name(locks), " ",
+              shape(locks));
   TORCH_CHECK(path >= 0 && path <= 2, "w8a16_gemm: path must be 0 (auto), 1 (fused) or 2 (dequant)");
   TORCH_CHECK(split_k >= 0, "w8a16_gemm: split_k must be >= 0");
   TORCH_CHECK(path == 2 || (m + 31) / 32 <= 65535, "w8a16_gemm: M = ", m,
