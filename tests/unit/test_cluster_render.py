@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -147,3 +148,19 @@ def test_cli_render_check_and_refusal(tmp_path):
     assert r.returncode == 1 and "refused" in r.stderr and "does not fit" in r.stderr
     r = _cli("launch", str(EXAMPLE), "--node", "b", "--role", "head")
     assert r.returncode == 2 and "is a worker" in r.stderr
+
+
+def test_launched_process_output_goes_to_stdout_and_log(tmp_path):
+    """launch replaces itself by `ray start` / `vllm serve`; their output must reach both
+    `docker logs` and the node's log file."""
+    log = tmp_path / "vllm-serve.log"
+    code = ("import os, sys; from pathlib import Path; "
+            "from vllm_ampere.cluster.command import _exec_logged; "
+            f"_exec_logged([sys.executable, '-c', 'print(\"serving\")'], dict(os.environ), Path({str(log)!r}))")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and "serving" in r.stdout
+    for _ in range(50):  # tee may flush just after the child exits
+        if log.exists() and "serving" in log.read_text():
+            break
+        time.sleep(0.1)
+    assert "serving" in log.read_text()

@@ -99,6 +99,13 @@ def _wait_for_gpus(cluster: Cluster, wait_s: float) -> None:
         ray.shutdown()
 
 
+def _exec_logged(argv: list[str], env: dict[str, str], log: Path) -> None:
+    """Replace this process by `argv` (so it gets the container's signals) with its output
+    both on stdout (docker logs) and appended to `log`."""
+    script = 'exec > >(tee -a "$0") 2>&1; exec "$@"'
+    os.execvpe("bash", ["bash", "-c", script, str(log), *argv], env)
+
+
 def _launch(p: LaunchPlan, node: Node, gpu_wait_s: float) -> int:
     c = p.cluster
     env = {**os.environ, **p.node_env(node)}
@@ -109,13 +116,13 @@ def _launch(p: LaunchPlan, node: Node, gpu_wait_s: float) -> int:
         server = lmcache.start_server(c, log_dir / "lmcache.log")
         print(f"cluster: LMCache server pid {server.pid} healthy", flush=True)
     if node != c.head:  # a worker: join Ray and stay in the foreground
-        os.execvpe("ray", p.ray_start_argv(node), env)
+        _exec_logged(p.ray_start_argv(node), env, log_dir / "ray-worker.log")
     subprocess.run(p.ray_start_argv(node), env=env, check=True)
     os.environ.update(p.node_env(node))
     _wait_for_gpus(c, gpu_wait_s)
     argv = p.serve_argv()
     print("cluster: exec", " ".join(argv[:3]), "...", flush=True)
-    os.execvpe(argv[0], argv, env)
+    _exec_logged(argv, env, log_dir / "vllm-serve.log")
 
 
 def run(args: argparse.Namespace) -> int:
