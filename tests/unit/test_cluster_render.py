@@ -95,7 +95,8 @@ def test_ray_and_node_scripts():
     assert "vllm serve" not in worker_script and "http_server" not in worker_script
     argv = p.lmcache_argv("python3")
     for flag, value in [("--host", "10.0.0.1"), ("--port", "6555"), ("--http-port", "6556"),
-                        ("--eviction-policy", "LRU"), ("--supported-transfer-mode", "engine_driven")]:
+                        ("--eviction-policy", "LRU"),
+                        ("--supported-transfer-mode", "engine_driven")]:
         assert argv[argv.index(flag) + 1] == value
 
 
@@ -156,7 +157,8 @@ def test_launched_process_output_goes_to_stdout_and_log(tmp_path):
     log = tmp_path / "vllm-serve.log"
     code = ("import os, sys; from pathlib import Path; "
             "from vllm_ampere.cluster.command import _exec_logged; "
-            f"_exec_logged([sys.executable, '-c', 'print(\"serving\")'], dict(os.environ), Path({str(log)!r}))")
+            "_exec_logged([sys.executable, '-c', 'print(\"serving\")'], dict(os.environ), "
+            f"Path({str(log)!r}))")
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "serving" in r.stdout
     for _ in range(50):  # tee may flush just after the child exits

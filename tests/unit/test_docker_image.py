@@ -21,7 +21,8 @@ DOCKERFILES = sorted(p for p in DOCKER.rglob("Dockerfile*") if not p.name.endswi
 
 
 def _hadolint() -> str:
-    found = shutil.which("hadolint", path=str(Path(sys.executable).parent)) or shutil.which("hadolint")
+    here = str(Path(sys.executable).parent)  # the venv's bin, where the wheel puts it
+    found = shutil.which("hadolint", path=here) or shutil.which("hadolint")
     assert found, "hadolint missing: it comes with the test extra (pip install -e '.[test]')"
     return found
 
@@ -69,8 +70,10 @@ def test_multi_stage_on_the_pinned_cuda():
 
 def test_versions_come_from_pins():
     env = _pins_env()
-    assert env["VLLM_VERSION"] == pins.VLLM_VERSION and env["LMCACHE_VERSION"] == pins.LMCACHE_VERSION
-    install = re.search(r'pip install "vllm==.*?lmcache==[^"]*"', re.sub(r"\\\n\s*", " ", DOCKERFILE_TEXT))
+    assert env["VLLM_VERSION"] == pins.VLLM_VERSION
+    assert env["LMCACHE_VERSION"] == pins.LMCACHE_VERSION
+    joined = re.sub(r"\\\n\s*", " ", DOCKERFILE_TEXT)
+    install = re.search(r'pip install "vllm==.*?lmcache==[^"]*"', joined)
     assert install, "the build stage installs vLLM, torch, Ray and LMCache in one resolve"
     used = set(re.findall(r"\$\{([A-Z_]+)\}", install.group(0)))
     assert used == {"VLLM_VERSION", "TORCH_VERSION", "RAY_VERSION", "LMCACHE_VERSION"}
@@ -92,7 +95,8 @@ def test_arch_list_and_extensions():
     for ext in ("vllm_ampere/_C", "vllm_ampere/_flashmla_C"):
         assert ext in build
     setup = (REPO / "setup.py").read_text()
-    for name, folder in (("vllm_ampere._C", "csrc"), ("vllm_ampere._flashmla_C", "flashmla_ampere")):
+    for name, folder in (("vllm_ampere._C", "csrc"),
+                         ("vllm_ampere._flashmla_C", "flashmla_ampere")):
         assert f'("{name}", "{folder}")' in setup
     runtime = _stages(DOCKERFILE_TEXT)["runtime"]
     assert "'vllm_ampere._C', 'vllm_ampere._flashmla_C'" in runtime

@@ -77,8 +77,8 @@ def live_checks(cluster: Cluster, node: Node) -> list[tuple[str, bool, str]]:
         ok, said = _http_ok(f"http://{node.address}:{cluster.port}/health")
         results.append(("vllm /health", ok, said))
     else:
-        r = subprocess.run(["ray", "status", f"--address={cluster.head.address}:{cluster.ray_port}"],
-                           capture_output=True, text=True)
+        address = f"--address={cluster.head.address}:{cluster.ray_port}"
+        r = subprocess.run(["ray", "status", address], capture_output=True, text=True)
         results.append(("ray status", r.returncode == 0, (r.stdout + r.stderr).strip()[-300:]))
     return results
 

@@ -114,10 +114,6 @@ def layer_sliding_kv_bytes(dims: ModelDims, layer: int, seqs: int, in_flight_tok
     return total
 
 
-def sliding_kv_bytes(dims: ModelDims, layers: range, seqs: int, in_flight_tokens: int) -> int:
-    return sum(layer_sliding_kv_bytes(dims, layer, seqs, in_flight_tokens) for layer in layers)
-
-
 def indexer_prefill_rows(max_model_len: int) -> int:
     factor = 5 if max_model_len <= 256 * 1024 else 2
     return max_model_len * (576 * 2 // 132) * factor // 4
