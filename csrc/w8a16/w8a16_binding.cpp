@@ -25,9 +25,10 @@ namespace {
 
 constexpr int64_t kPackedBytes = w8a16::kTileBytes;  // bytes per (strip, k-tile)
 
-// Error messages format dtypes, shapes and devices with these helpers into plain strings: on
-// the H200 test machine (torch 2.11) a TORCH_CHECK that streamed a ScalarType and an
-// IntArrayRef from this library crashed with SIGSEGV instead of raising.
+// Error messages carry only strings: dtypes, shapes, devices and numbers are formatted by these
+// helpers and std::to_string. On the H200 test machine (torch 2.11, extension built by the
+// image's gcc) a TORCH_CHECK that streamed a number, ScalarType or IntArrayRef into c10::str's
+// ostringstream crashed with SIGSEGV instead of raising; strings stream safely there.
 const char* dtype_name(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kByte: return "uint8";
@@ -61,7 +62,8 @@ void check_cuda_sm80(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.is_cuda(), "w8a16: ", name, " must be a CUDA tensor, got ", device_name(t));
   const int major = device_attribute(cudaDevAttrComputeCapabilityMajor, t.get_device());
   TORCH_CHECK(major >= 8, "w8a16: needs compute capability >= 8.0 (mma.sync bf16), ", device_name(t),
-              " is ", major, ".", device_attribute(cudaDevAttrComputeCapabilityMinor, t.get_device()));
+              " is ", std::to_string(major), ".",
+              std::to_string(device_attribute(cudaDevAttrComputeCapabilityMinor, t.get_device())));
 }
 
 void check_16b_aligned(const at::Tensor& t, const char* name) {
@@ -105,13 +107,15 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor
               dtype_name(qweight), " ", shape(qweight));
   const int64_t m = a.size(0), k = a.size(1), n = qweight.size(0) * 16;
   const int64_t k_tiles = qweight.size(1);
-  TORCH_CHECK(k > 0 && k % 16 == 0, "w8a16_gemm: K must be a positive multiple of 16, got ", k);
-  TORCH_CHECK(k_tiles == (k + w8a16::kTileK - 1) / w8a16::kTileK, "w8a16_gemm: a has K = ", k,
-              " but qweight was packed for ", k_tiles, " k-tiles of 32");
+  TORCH_CHECK(k > 0 && k % 16 == 0, "w8a16_gemm: K must be a positive multiple of 16, got ",
+              std::to_string(k));
+  TORCH_CHECK(k_tiles == (k + w8a16::kTileK - 1) / w8a16::kTileK, "w8a16_gemm: a has K = ",
+              std::to_string(k), " but qweight was packed for ", std::to_string(k_tiles),
+              " k-tiles of 32");
   TORCH_CHECK(n > 0 && m < (int64_t{1} << 31) && n * k < (int64_t{1} << 40),
               "w8a16_gemm: sizes out of range");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == n && scale.scalar_type() == at::kBFloat16,
-              "w8a16_gemm: scale must be bfloat16 [N = ", n, "], got ", dtype_name(scale), " ",
+              "w8a16_gemm: scale must be bfloat16 [N = ", std::to_string(n), "], got ", dtype_name(scale), " ",
               shape(scale));
   TORCH_CHECK(locks.dim() == 1 && locks.scalar_type() == at::kInt &&
                   locks.size(0) >= (n + w8a16::kBlockRows - 1) / w8a16::kBlockRows,
@@ -119,7 +123,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor
               shape(locks));
   TORCH_CHECK(path >= 0 && path <= 2, "w8a16_gemm: path must be 0 (auto), 1 (fused) or 2 (dequant)");
   TORCH_CHECK(split_k >= 0, "w8a16_gemm: split_k must be >= 0");
-  TORCH_CHECK(path == 2 || (m + 31) / 32 <= 65535, "w8a16_gemm: M = ", m,
+  TORCH_CHECK(path == 2 || (m + 31) / 32 <= 65535, "w8a16_gemm: M = ", std::to_string(m),
               " is past the fused kernel's grid; use path 0 or 2");
   TORCH_CHECK(a.is_contiguous() && qweight.is_contiguous() && scale.is_contiguous() &&
                   locks.is_contiguous(),
