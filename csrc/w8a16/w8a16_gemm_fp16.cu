@@ -1,5 +1,5 @@
 // fp16 instantiations of the fused kernel. MT = 1, 2, 4 token tiles cover M <= 8 (decode), 16 and
-// 32 (kFusedMaxM); larger M goes to dequant + cuBLAS (a forced fused call loops 32-token blocks).
+// 32; auto dispatch uses the fused kernel up to kFusedMaxM (16), a forced one loops 32-token blocks.
 #include "w8a16_gemm_kernel.cuh"
 
 namespace w8a16 {
