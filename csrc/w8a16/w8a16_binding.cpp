@@ -7,7 +7,7 @@
 //                           int split_k=0, int path=0) -> Tensor
 //       a: bf16|fp16 [M, K]; qweight: w8a16_repack's output; scale: bf16 [N];
 //       locks: int32 [>= ceil(N/64)], zero, owned by this weight (the kernel leaves it zero);
-//       split_k: 0 = planned, > 0 = asked-for split (fused path, M <= 8*tile only);
+//       split_k: 0 = planned, > 0 = asked-for split (fused path, M <= 32 only);
 //       path: 0 = auto (fused for M <= 16, else dequant + cuBLAS), 1 = fused, 2 = dequant + cuBLAS.
 //       returns [M, N] in a's dtype.
 #include <ATen/ATen.h>

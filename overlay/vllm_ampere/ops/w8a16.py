@@ -12,7 +12,7 @@ streams (they would share the locks); each layer owning its weight satisfies thi
 Dispatch of gemm:
   * CPU tensors: gemm_reference (how CPU CI and the CPU engine run).
   * CUDA, compute capability 8.0-8.9, extension built: the compiled op. It picks the fused
-    streaming kernel for M <= 64 and a dequantize + cuBLAS path above.
+    streaming kernel for M <= 16 and a dequantize + cuBLAS path above.
   * CUDA otherwise: RuntimeError saying why. A silent reference fallback on a GPU would
     dequantize every weight on every call. On newer GPUs (the H200 used for tests runs the
     compute_80 PTX) pass force_kernel=True or set VLLM_AMPERE_FORCE_SM80_KERNELS=1.
