@@ -43,7 +43,7 @@ def _extensions():
     if torch.version.cuda is None or CUDA_HOME is None:
         return [], {}
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", PINS["TORCH_CUDA_ARCH_LIST"])
-    nvcc_flags = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
+    nvcc_flags = ["-O3", "--use_fast_math", "-lineinfo", "--expt-relaxed-constexpr"]
     exts = []
     for name, folder in (("vllm_ampere._C", "csrc"), ("vllm_ampere._flashmla_C", "flashmla_ampere")):
         sources = _sources(folder)
@@ -53,7 +53,7 @@ def _extensions():
                     name,
                     sources,
                     include_dirs=[str(ROOT / folder)],
-                    extra_compile_args={"cxx": ["-O3", "-std=c++17"], "nvcc": nvcc_flags},
+                    extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
                 )
             )
     return exts, {"build_ext": BuildExtension}

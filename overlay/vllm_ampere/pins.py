@@ -17,7 +17,7 @@ TORCH_VERSION = "2.13.0"
 CUDA_VERSION = "13.0"
 # GPUs the compiled extensions target: A100 (8.0), RTX 3090 (8.6); +PTX of compute_80 lets
 # newer GPUs JIT the sm_80 code (that is how an H200 runs our kernels in tests).
-TORCH_CUDA_ARCH_LIST = "8.0;8.6+PTX"
+TORCH_CUDA_ARCH_LIST = "8.0+PTX;8.6"
 # KV cache sidecar (docker/, `vllm-ampere cluster`). 0.5.6's LMCacheMPConnector is the only
 # LMCache connector that handles DeepSeek-V4's several KV cache groups. Its wheel needs
 # cupy-cuda13x and cuda-python 13.x: CUDA 13, the same major as CUDA_VERSION above.
