@@ -9,6 +9,7 @@ its own process group in every case, so a row never hangs.
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import zlib
 from dataclasses import asdict, dataclass, field
@@ -194,20 +195,37 @@ def run_row(
         data = json.loads(result_path.read_text())
         res.result_json = str(result_path)
         _from_result_json(res, data)
-        if res.completed == row.concurrency and res.failed_requests == 0 and res.ttft_mean_s:
-            res.result = "pass"
-            return res
-        res.reason = (
-            f"{res.failed_requests} of {row.concurrency} request(s) failed"
-            + (f": {_request_errors(data)}" if _request_errors(data) else "")
-        )
+        # vLLM's client counts a stream that the server cut short (an error chunk after a
+        # 200, as when the engine dies) as a success; with --ignore-eos every request must
+        # bring exactly the asked number of tokens.
+        short = [n for n in data.get("output_lens") or [] if n != row.output_tokens]
+        if res.completed == row.concurrency and res.failed_requests == 0 and not short and res.ttft_mean_s:
+            if not server.owned or server.alive():
+                res.result = "pass"
+                return res
+        if short:
+            res.reason = f"{len(short)} of {row.concurrency} stream(s) ended early: {short} of {row.output_tokens} tokens"
+        elif res.failed_requests:
+            errors = _request_errors(data)
+            res.reason = f"{res.failed_requests} of {row.concurrency} request(s) failed" + (f": {errors}" if errors else "")
+        else:
+            res.reason = f"{res.completed} of {row.concurrency} request(s) completed"
+        if server.owned and server.proc is not None:
+            try:  # a dying server cuts the streams first and exits a moment later
+                server.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                pass
+        if server.owned and not server.alive():
+            res.reason = f"vllm serve exited with code {server.proc.returncode}" + (f"; {res.reason}" if res.reason else "")
+            return _finish_dead_server(res, server, log_start, t0)
     else:
         res.reason = f"vllm bench serve exited with code {client.returncode} and no result JSON"
         res.log_tail = tail(client_log, 20)
-    oom = find_oom(server.log_path, log_start) if server.log_path else None
-    if oom:
-        res.result, res.reason = "oom", f"{res.reason}; server log: {oom}"
-        res.log_tail = tail(server.log_path, 40, log_start)
+    if server.log_path:
+        res.log_tail = res.log_tail or tail(server.log_path, 40, log_start)
+        oom = find_oom(server.log_path, log_start)
+        if oom:
+            res.result, res.reason = "oom", f"{res.reason}; server log: {oom}"
     return res
 
 
