@@ -41,9 +41,13 @@ def run(args) -> int:
     print("patches:")
     patches = all_patches()
     for patch in patches:
+        if not patch.needed():
+            print(f"  {patch.name}: not needed on this machine")
+            continue
         try:
             patch.check()
-            state = "installed" if patch.is_applied() else "not needed in this process"
+            state = "installed" if patch.is_applied() else "NOT INSTALLED"
+            ok &= state == "installed"
         except PatchTargetMoved as e:
             state, ok = f"TARGET MOVED: {e}", False
         print(f"  {patch.name}: {state}")

@@ -81,8 +81,12 @@ class Patch:
         return getattr(_unbind(_raw(owner, attr)), _MARK, None) == self.name
 
     def apply(self) -> bool:
-        """Install the patch; True if it was installed now, False if already there or unneeded."""
-        if self.is_applied() or not self.needed():
+        """Install the patch; True if it was installed now, False if already there or unneeded.
+
+        `needed()` is asked first, so a patch for another platform (a CPU-build-only module on a
+        CUDA install, say) never imports its target there.
+        """
+        if not self.needed() or self.is_applied():
             return False
         self.check()
         owner, attr = self._owner_and_attr()
