@@ -1,0 +1,106 @@
+"""`vllm-ampere bench` end to end: the CLI starts a real `vllm serve` (CPU build) of the tiny
+Llama, runs a small matrix through the real `vllm bench serve`, stops the server, and writes a
+report with every column filled and every row `pass`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import psutil
+import pytest
+
+from vllm_ampere.bench.report import NUMERIC
+from vllm_ampere.bench.tiny_llama import write_tiny_llama
+
+# The seed's command shape (seed card, "Command shape"), flag for flag.
+SEED_SHAPE = [
+    "--backend openai", "--endpoint /v1/completions", "--dataset-name random",
+    "--random-prefix-len 0", "--request-rate inf", "--ignore-eos", "--temperature 0",
+    "--percentile-metrics ttft,tpot,itl,e2el",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def bench_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("bench_cli")
+    model = write_tiny_llama(root / "tiny")
+    out = root / "out"
+    cmd = [
+        sys.executable, "-m", "vllm_ampere.cli", "bench",
+        "--model", str(model),
+        "--serve-args", "--max-model-len 1024 --max-num-seqs 4 --enforce-eager",
+        "--contexts", "256,512", "--concurrency", "1,2", "--output-len", "16",
+        "--stall-timeout", "60", "--poll", "0.5",
+        "--out", str(out),
+    ]  # fmt: skip
+    # Every process the run starts inherits this mark (vLLM's engine and workers retitle
+    # themselves, so their command lines do not show the model).
+    mark = f"bench-e2e-{uuid.uuid4().hex}"
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_AMPERE_TEST_MARK": mark}
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    return proc, out, mark
+
+
+def test_every_row_passes_with_every_column(bench_run):
+    proc, out, _ = bench_run
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    rows = report["rows"]
+    assert [(r["context"], r["concurrency"]) for r in rows] == [("256", 1), ("256", 2), ("512", 1), ("512", 2)]
+    for r in rows:
+        assert r["result"] == "pass", r
+        assert r["completed"] == r["concurrency"] and r["failed_requests"] == 0
+        assert r["measured_input_tokens"] == r["input_tokens"]  # the word-level tokenizer is exact
+        for key in NUMERIC:
+            assert isinstance(r[key], float) and r[key] > 0, (key, r)
+        assert r["prefill_tok_s_stream"] == pytest.approx(r["measured_input_tokens"] / r["ttft_mean_s"])
+        assert r["decode_tok_s_stream"] == pytest.approx(1000.0 / r["tpot_mean_ms"])
+        saved = json.loads(Path(r["result_json"]).read_text())
+        assert saved["num_prompts"] == saved["max_concurrency"] == r["concurrency"]
+        assert saved["output_lens"] == [16] * r["concurrency"]
+
+
+def test_client_ran_in_the_seed_command_shape(bench_run):
+    _, out, _ = bench_run
+    for log in sorted((out / "rows").glob("*.client.log")):
+        cmd = log.read_text().splitlines()[0]
+        assert "bench serve" in cmd
+        for flag in SEED_SHAPE:
+            assert flag in cmd, (flag, cmd)
+        context, c = log.name.split(".")[0].split("-c")
+        assert f"--random-input-len {context} " in cmd and f"--num-prompts {c} " in cmd
+        assert f"--max-concurrency {c} " in cmd and "--random-output-len 16 " in cmd
+
+
+def test_markdown_and_plots(bench_run):
+    proc, out, _ = bench_run
+    md = (out / "report.md").read_text()
+    measured = md.split("## Measured")[1].split("##")[0]
+    lines = [l for l in measured.splitlines() if l.startswith("| 256") or l.startswith("| 512")]
+    assert len(lines) == 4
+    for line in lines:
+        assert "n/a" not in line and "| pass |" in line, line
+    assert "| Context | C | Input tokens | Result | TTFT mean |" in proc.stdout  # table printed
+    for name in ("tpot.png", "prefill.png"):
+        data = (out / name).read_bytes()
+        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000
+
+
+def _environ(p: psutil.Process) -> dict:
+    try:
+        return p.environ()
+    except (psutil.AccessDenied, psutil.NoSuchProcess, psutil.ZombieProcess):
+        return {}
+
+
+def test_server_stopped_and_nothing_left(bench_run):
+    proc, out, mark = bench_run
+    log = (out / "server.log").read_text()
+    assert "Application startup complete" in log and "started vllm serve" in proc.stdout
+    left = [p for p in psutil.process_iter() if _environ(p).get("VLLM_AMPERE_TEST_MARK") == mark]
+    assert not left, [(p.pid, p.name()) for p in left]
