@@ -6,7 +6,9 @@ bytes-moved bound, prefill throughput, each beside the torch reference fallback 
 Decode moves, per query, its selected KV rows (584 B each: 448 e4m3 + 128 B RoPE + 8 scale
 bytes, one read each), q and the bf16 output; the fp32 split partials are extra traffic that
 the bound leaves out. The bound is that byte count over the copy bandwidth measured in the
-same run (a device-to-device copy, read + write counted).
+same run (a device-to-device copy, read + write counted). Times are CUDA events around the
+Python call, so they include the op's host-side work (allocations, two launches): at small
+batches that, not the kernel, is most of the decode latency.
 """
 
 from __future__ import annotations
