@@ -1,0 +1,122 @@
+"""Owned processes are stopped by their own PID and group with nothing left (real process
+trees, including a frozen child and one that ignores SIGTERM); logs are read for OOM; the
+client command is the seed's."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from vllm_ampere.bench.matrix import MatrixRow
+from vllm_ampere.bench.processes import Server, find_oom, start_owned, stop_owned, tail
+from vllm_ampere.bench.runner import client_command
+
+# A parent with two children: one frozen (SIGSTOP), one that ignores SIGTERM; the parent
+# ignores SIGTERM too when asked, so only SIGKILL ends it.
+TREE = r"""
+import signal, subprocess, sys, time
+ignore = sys.argv[1] == "ignore"
+if ignore:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+kids = [subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"]),
+        subprocess.Popen([sys.executable, "-c",
+            "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"])]
+kids[0].send_signal(signal.SIGSTOP)
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+def _start_tree(tmp_path: Path, mode: str):
+    log = tmp_path / f"{mode}.log"
+    proc = start_owned([sys.executable, "-c", TREE, mode], log)
+    t0 = time.monotonic()
+    while "ready" not in log.read_text():
+        assert time.monotonic() - t0 < 30 and proc.poll() is None
+        time.sleep(0.05)
+    tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
+    assert len(tree) == 3
+    assert any(p.status() == psutil.STATUS_STOPPED for p in tree)
+    return proc, tree
+
+
+def _all_gone(tree):
+    for p in tree:
+        try:
+            if p.status() != psutil.STATUS_ZOMBIE:
+                return False
+        except psutil.NoSuchProcess:
+            pass
+    return True
+
+
+def test_stop_owned_ends_a_tree_with_a_frozen_child(tmp_path):
+    proc, tree = _start_tree(tmp_path, "plain")
+    assert os.getpgid(proc.pid) == proc.pid  # its own process group, led by its PID
+    pids = stop_owned(proc, grace_s=5)
+    assert sorted(pids) == sorted(p.pid for p in tree)
+    assert _all_gone(tree) and proc.returncode == -signal.SIGTERM
+
+
+def test_stop_owned_kills_what_ignores_sigterm_after_the_grace(tmp_path):
+    proc, tree = _start_tree(tmp_path, "ignore")
+    t0 = time.monotonic()
+    stop_owned(proc, grace_s=1)
+    assert 1 <= time.monotonic() - t0 < 15
+    assert _all_gone(tree) and proc.returncode == -signal.SIGKILL
+
+
+def test_stop_owned_after_the_process_exited(tmp_path):
+    proc = start_owned([sys.executable, "-c", "pass"], tmp_path / "x.log")
+    proc.wait()
+    assert stop_owned(proc) == []
+
+
+def test_oom_and_tail_read_from_an_offset(tmp_path):
+    log = tmp_path / "server.log"
+    log.write_text("old line\n(Worker_PP9 pid=7) torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 114.00 MiB\n")
+    offset = log.stat().st_size
+    with open(log, "a") as f:
+        f.write("row 2 starts\nINFO all good\n")
+    assert "Tried to allocate 114.00 MiB" in find_oom(log)
+    assert find_oom(log, offset) is None  # an earlier row's OOM is not this row's
+    assert tail(log, 2, offset) == ["row 2 starts", "INFO all good"]
+    assert tail(tmp_path / "missing.log") == [] and find_oom(tmp_path / "missing.log") is None
+    with open(log, "a") as f:
+        f.write("RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: not enough memory\n")
+    assert "DefaultCPUAllocator" in find_oom(log, offset)
+
+
+def test_client_command_is_the_seed_shape(tmp_path):
+    cmd = client_command(MatrixRow("16k", 15488, 2, 512), "http://127.0.0.1:8080", "MODEL_ID", tmp_path, "16k-c2.json")
+    assert cmd[:4] == [sys.executable, "-m", "vllm.entrypoints.cli.main", "bench"]
+    args = " ".join(cmd[4:])
+    # The seed card's "Command shape", in its order, with INPUT_TOKENS and C filled in.
+    seed = (
+        "serve --backend openai --base-url http://127.0.0.1:8080 --endpoint /v1/completions "
+        "--model MODEL_ID --dataset-name random --random-input-len 15488 --random-output-len 512 "
+        "--random-prefix-len 0 --num-prompts 2 --max-concurrency 2 --request-rate inf "
+        "--ignore-eos --temperature 0 --percentile-metrics ttft,tpot,itl,e2el"
+    )
+    assert args.startswith(seed)
+    assert f"--result-dir {tmp_path} --result-filename 16k-c2.json" in args
+    def seed_of(row):
+        cmd = client_command(row, "u", "m", tmp_path, "f")
+        return cmd[cmd.index("--seed") + 1]
+
+    seeds = {seed_of(MatrixRow(c, 1, n, 1)) for c in ("1k", "16k") for n in (1, 2)}
+    assert len(seeds) == 4  # one dataset seed per row: no prefix shared across rows
+
+
+def test_server_arguments():
+    s = Server(model="/m", serve_args=["--max-model-len", "4096"], log_path=Path("/tmp/x.log"), port=18123)
+    assert s.owned and s.base_url == "http://127.0.0.1:18123" and not s.alive()
+    assert Server(base_url="http://h:1/").base_url == "http://h:1"
+    with pytest.raises(ValueError, match="either base_url"):
+        Server()
