@@ -146,3 +146,135 @@ def test_int8_block_bit_exact():
     q, bits = ref.int8_blocks(w)
     np.testing.assert_array_equal(r.weight.numpy().astype(np.int64), q)
     np.testing.assert_array_equal(r.scale.view(torch.int16).numpy().view(np.uint16), bits)
+
+
+# The fast path: e8m0 bytes whose whole arithmetic is the e = 0 arithmetic times powers of two.
+SCALED_U = range(65, 191)  # e = -62 .. 63 for the default grid: below, squared terms underflow fp32; above, they overflow
+
+
+def _scaled_bytes_numpy(grid) -> list[int]:
+    """The scaled e8m0 bytes, derived independently of the package: numpy fp32 arrays for every
+    (u, largest magnitude, divisor incl. absmax7, code up to that magnitude) against u = 127."""
+    f32 = np.float32
+    mags = np.array(ref.MAGNITUDES[1:], dtype=f32)  # non-zero largest magnitudes
+    codes = np.array(ref.MAGNITUDES, dtype=f32)
+    used = codes[None, :] <= mags[:, None]  # [7, 8]: codes that occur under each largest magnitude
+    divs = np.array(list(grid) + [7.0], dtype=f32)
+
+    def arithmetic(u):
+        p = f32(2.0 ** (u - 127))
+        with np.errstate(over="ignore", under="ignore", invalid="ignore"):
+            a = (mags * p)[:, None, None]
+            s = np.vectorize(ref.bf16, otypes=[f32])(a / divs[None, :, None])
+            g = np.concatenate((codes, -codes)).astype(f32)[None, None, :] * p
+            q = np.clip(np.rint(g / s), -8, 7).astype(f32)  # rint: half to even
+            d = q * s - g
+            return s, q, d * d
+
+    s0, q0, t0 = arithmetic(127)
+    mask = np.concatenate((used, used), axis=1)[:, None, :].repeat(len(divs), 1)
+    scaled = []
+    for u in range(255):
+        s, q, t = arithmetic(u)
+        p = 2.0 ** (u - 127)
+        if (
+            (s.astype(np.float64) == s0.astype(np.float64) * p).all()
+            and (q[mask] == q0[mask]).all()
+            and (t[mask].astype(np.float64) == t0[mask].astype(np.float64) * p * p).all()
+        ):
+            scaled.append(u)
+    return scaled
+
+
+@pytest.mark.parametrize(
+    "grid, expected",
+    [(GRID, SCALED_U), (grid_for_mode("absmax7"), range(63, 193)), (grid_for_mode("absmax8"), range(63, 192)),
+     (divisor_grid(1.0, 16.0, 0.25), range(65, 190))],  # the widest grid the converter accepts
+)
+def test_scaled_exponent_range_is_exact(grid, expected):
+    q = Int4Quantizer(grid)
+    package = [u for u in range(256) if q.fast_u[u]]
+    assert package == _scaled_bytes_numpy(grid) == list(expected)
+
+
+def _boundary_groups(us, gen):
+    """Per u: for each largest magnitude, a group with every code up to it (both signs) and a random one."""
+    codes, scales = [], []
+    for u in us:
+        for mag in range(1, 8):
+            if ref.MAGNITUDES[mag] * 2.0 ** (u - 127) > float(np.finfo(np.float32).max):
+                continue  # decodes beyond fp32: rejected
+            every = [c for c in range(mag + 1)] + [8 + c for c in range(mag + 1)]
+            codes.append((every * 16)[:32]); scales.append(u)
+            rnd = torch.randint(0, mag + 1, (32,), generator=gen) + 8 * torch.randint(0, 2, (32,), generator=gen)
+            rnd[int(torch.randint(0, 32, (1,), generator=gen))] = mag  # the largest magnitude occurs
+            codes.append(rnd.tolist()); scales.append(u)
+    return codes, scales
+
+
+def test_scaled_range_boundaries_bit_exact(mse):
+    edges = (SCALED_U[0], SCALED_U[-1])
+    us = sorted({0, 1, 126, 127, 128, 252, 253, 254} | {e + d for e in edges for d in (-2, -1, 0, 1, 2)})
+    gen = torch.Generator().manual_seed(8)
+    got = _assert_same(mse, *_groups_to_tensors(*_boundary_groups(us, gen)))
+    assert np.isinf(got.err.numpy()).any()  # the top exponents do reach infinite errors
+
+
+def test_fast_and_direct_paths_agree_on_every_exponent():
+    """Every group through the direct path (the spec's arithmetic at its own u) gives what the
+    routed quantizer gives, on many random groups at every u 0..254, incl. mixed chunks."""
+    q = Int4Quantizer(GRID, chunk_values=4096)
+    gen = torch.Generator().manual_seed(9)
+    u = torch.randint(0, 255, (64, 64), dtype=torch.uint8, generator=gen)
+    w = torch.randint(0, 256, (64, 1024), dtype=torch.uint8, generator=gen)
+    top = (u >= 253).repeat_interleave(16, 1)
+    w = torch.where(top, w & 0x33, w)  # |code| <= 1.0 where larger ones overflow fp32
+    w[::3] &= torch.randint(0, 256, w[::3].shape, dtype=torch.uint8, generator=gen) & 0x55  # smaller magnitudes
+    r = q(w, u)
+    flat = w.reshape(-1, 16)
+    mag = torch.maximum(flat & 7, flat >> 4 & 7).amax(1).long()
+    packed, scale, err, err7, signal, dmax = q.direct.quantize(flat, u.reshape(-1).long() * 8 + mag)
+    assert torch.equal(r.weight.reshape(-1, 16), packed)
+    assert torch.equal(r.scale.flatten(), scale.to(torch.bfloat16))
+    for got, want in ((r.err, err), (r.err_absmax7, err7), (r.signal, signal)):
+        assert torch.equal(got.flatten(), want)
+    assert r.max_abs_err == float(dmax)
+    assert bool((~r.scale.flatten().float().isnan()).all())
+
+
+def test_chunks_and_threads_give_identical_results():
+    gen = torch.Generator().manual_seed(10)
+    w = torch.randint(0, 256, (48, 2048), dtype=torch.uint8, generator=gen)
+    u = torch.randint(60, 200, (48, 128), dtype=torch.uint8, generator=gen)  # fast and direct groups
+    before = torch.get_num_threads()
+    results = [Int4Quantizer(GRID, chunk_values=cv, threads=t)(w, u) for cv, t in ((1 << 20, 1), (4096, 1), (4096, 2), (1024, 3))]
+    assert torch.get_num_threads() == before  # the chunk threads leave torch's setting alone
+    for r in results[1:]:
+        assert torch.equal(r.scale.view(torch.int16), results[0].scale.view(torch.int16))
+        for f in ("weight", "err", "err_absmax7", "signal"):
+            assert torch.equal(getattr(r, f), getattr(results[0], f))
+        assert r.max_abs_err == results[0].max_abs_err
+
+
+def test_report_columns_match_decoded_values(mse):
+    """signal, err_absmax7 and max_abs_err recomputed from the decoded values and the absmax7 spec."""
+    gen = torch.Generator().manual_seed(11)
+    w = torch.randint(0, 256, (16, 256), dtype=torch.uint8, generator=gen)
+    u = torch.randint(60, 200, (16, 16), dtype=torch.uint8, generator=gen)
+    r = mse(w, u)
+    g = decode_mxfp4(w, u).to(torch.float64)
+    assert torch.equal(r.signal, (g * g).unflatten(-1, (-1, 32)).sum(-1))
+    _, _, err7 = ref.quantize_experts(w[:2].numpy(), u[:2].numpy(), [7.0])
+    assert r.err_absmax7[:2].flatten().tolist() == [float(e) for e in err7]
+    nib = torch.stack((r.weight & 0xF, r.weight >> 4), -1).flatten(-2).to(torch.float64) - 8
+    deq = nib * r.scale.to(torch.float64).repeat_interleave(32, 1)
+    assert r.max_abs_err == float((deq.to(torch.float32) - g.to(torch.float32)).abs().max())
+
+
+def test_group_beyond_fp32_names_its_group_in_a_later_chunk():
+    q = Int4Quantizer(GRID, chunk_values=1024, threads=2)
+    w = torch.zeros(8, 512, dtype=torch.uint8)
+    u = torch.full((8, 32), 120, dtype=torch.uint8)
+    w[5, 16 * 7] = 7; u[5, 7] = 254  # group 5 * 32 + 7 = 167, in the sixth chunk
+    with pytest.raises(ConversionError, match=r"group 167 \(scale byte 254\)"):
+        q(w, u)
