@@ -9,7 +9,8 @@ layer (projections, caches, metadata, prefill chunking) and changes what cannot 
   FlashMLA tile-scheduler planner (our decode has a fixed split plan, see flashmla_config.h);
 - decode / prefill / prefill KV gather: routed on sm8x to vllm_ampere.ops.flashmla and
   attention/kv_gather.py by the patches attn_flashmla_*;
-- `_o_proj`: attention/o_proj.py instead of DeepGEMM's FP8 einsum.
+- `_o_proj`: attention/o_proj.py instead of DeepGEMM's FP8 einsum;
+- the attention input preparation (compressor, indexer query) runs in the eager region.
 
 patches/attn_select_dsv4_class.py makes the model pick this class on sm8x and refuse below
 sm_80 with a message naming the GPU.
@@ -107,6 +108,12 @@ class DeepseekV4AmpereAttention(DeepseekV4FlashMLAAttention):
 
     backend_cls: ClassVar = DeepseekV4AmpereSparseBackend
     swa_backend_cls: ClassVar = DeepseekSparseSWAAmpereBackend
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        # The wide eager region (stock uses it for the V1 model runner): the compressor and the
+        # indexer query run in torch on sm8x, with data-dependent shapes a CUDA graph cannot hold.
+        self._prepare_and_attn_fn = self._prepare_and_attn_eager
 
     def _o_proj(self, o: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         num_tokens = o.shape[0]
