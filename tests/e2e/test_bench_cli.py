@@ -1,5 +1,6 @@
-"""`vllm-ampere bench` end to end: the CLI starts a real `vllm serve` (CPU build) of the tiny
-Llama, runs a small matrix through the real `vllm bench serve`, stops the server, and writes a
+"""`vllm-ampere bench` end to end, the `make demo` path: the tiny DeepSeek-V4-Flash made and
+converted to dsv4_int by our CLI, a real `vllm serve` of it (CPU build, our plugin) started by
+the bench CLI, a small matrix through the real `vllm bench serve`, the server stopped, and a
 report with every column filled and every row `pass`."""
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import psutil
 import pytest
 
 from vllm_ampere.bench.report import NUMERIC
-from vllm_ampere.bench.tiny_llama import write_tiny_llama
+
+VLLM_AMPERE = str(Path(sys.executable).parent / "vllm-ampere")
 
 # The seed's command shape (seed card, "Command shape"), flag for flag.
 SEED_SHAPE = [
@@ -28,12 +30,13 @@ SEED_SHAPE = [
 @pytest.fixture(scope="module")
 def bench_run(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench_cli")
-    model = write_tiny_llama(root / "tiny")
-    out = root / "out"
+    model, out = root / "dsv4_int", root / "out"
+    for args in (["make-tiny", str(root / "native")], ["convert", str(root / "native"), str(model)]):
+        subprocess.run([VLLM_AMPERE, *args], check=True, capture_output=True, timeout=600)
     cmd = [
-        sys.executable, "-m", "vllm_ampere.cli", "bench",
+        VLLM_AMPERE, "bench",
         "--model", str(model),
-        "--serve-args", "--max-model-len 1024 --max-num-seqs 4 --enforce-eager",
+        "--serve-args", "--max-model-len 4096 --max-num-seqs 4",
         "--contexts", "256,512", "--concurrency", "1,2", "--output-len", "16",
         "--stall-timeout", "60", "--poll", "0.5",
         "--out", str(out),
@@ -41,7 +44,8 @@ def bench_run(tmp_path_factory):
     # Every process the run starts inherits this mark (vLLM's engine and workers retitle
     # themselves, so their command lines do not show the model).
     mark = f"bench-e2e-{uuid.uuid4().hex}"
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "VLLM_AMPERE_TEST_MARK": mark}
+    # Small KV cache (GiB) and two OpenMP threads: the CI machine has 2 cores and shared memory.
+    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2", "VLLM_AMPERE_TEST_MARK": mark}
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     return proc, out, mark
 
@@ -55,7 +59,8 @@ def test_every_row_passes_with_every_column(bench_run):
     for r in rows:
         assert r["result"] == "pass", r
         assert r["completed"] == r["concurrency"] and r["failed_requests"] == 0
-        assert r["measured_input_tokens"] == r["input_tokens"]  # the word-level tokenizer is exact
+        # vLLM's client re-aligns prompts to the server's tokenizer: within a token or two.
+        assert abs(r["measured_input_tokens"] - r["input_tokens"]) <= 2, r
         for key in NUMERIC:
             assert isinstance(r[key], float) and r[key] > 0, (key, r)
         assert r["prefill_tok_s_stream"] == pytest.approx(r["measured_input_tokens"] / r["ttft_mean_s"])

@@ -15,12 +15,12 @@ import time
 
 import psutil
 import pytest
+from _tiny_llama import write_tiny_llama
 
 from vllm_ampere.bench.matrix import MatrixRow
 from vllm_ampere.bench.metrics import scrape
 from vllm_ampere.bench.processes import Server
 from vllm_ampere.bench.runner import WatchConfig, run_row
-from vllm_ampere.bench.tiny_llama import write_tiny_llama
 
 STALL_S = 8.0
 POLL_S = 0.5

@@ -1,14 +1,15 @@
 """A tiny Llama checkpoint (random weights, local word-level tokenizer) that stock vLLM serves.
 
-The bench runner's end-to-end tests and `make demo` need a real `vllm serve` that starts in
-seconds on a laptop-class CPU and needs no download. vLLM's CPU build serves
+The bench watchdog's end-to-end test needs a real `vllm serve` that starts in seconds, decodes
+thousands of tokens a second on a CPU (so a row can be frozen mid-decode) and needs no
+download. vLLM's CPU build serves
 `LlamaForCausalLM` natively, so a 2-layer, 64-wide Llama with a word-level tokenizer is
 the cheapest real model it accepts. The tokenizer maps `w0 w1 ...` one word to one token, so
 `vllm bench serve --dataset-name random` gets exactly the input lengths it asks for (its
 decode/re-encode round trip is lossless; vllm/benchmarks/datasets/datasets.py,
 gen_prompt_decode_to_target_len).
 
-`python -m vllm_ampere.bench.tiny_llama DST` writes one.
+`python tests/e2e/_tiny_llama.py DST` writes one.
 """
 
 from __future__ import annotations
