@@ -34,11 +34,17 @@ def extension_available() -> bool:
     return _load() is None
 
 
+@functools.cache
+def _sm80_or_newer(device_index: int) -> bool:
+    return torch.cuda.get_device_capability(device_index) >= (8, 0)
+
+
 def _use_cuda(q: torch.Tensor, backend: Backend) -> bool:
     if backend == "torch":
         return False
     reason = _load()
-    usable = q.is_cuda and reason is None and torch.cuda.get_device_capability(q.device) >= (8, 0)
+    usable = (q.is_cuda and reason is None
+              and _sm80_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device()))
     if backend == "cuda" and not usable:
         raise RuntimeError(
             "vllm_ampere sparse MLA: backend='cuda' needs a CUDA tensor on an sm80+ GPU and the "
