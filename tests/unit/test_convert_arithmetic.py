@@ -278,3 +278,17 @@ def test_group_beyond_fp32_names_its_group_in_a_later_chunk():
     w[5, 16 * 7] = 7; u[5, 7] = 254  # group 5 * 32 + 7 = 167, in the sixth chunk
     with pytest.raises(ConversionError, match=r"group 167 \(scale byte 254\)"):
         q(w, u)
+
+
+def test_wide_grid_two_limbs_bit_exact():
+    """The widest accepted grid needs two fp32 limbs per term: still the reference's bytes."""
+    grid = divisor_grid(1.0, 16.0, 0.25)
+    q = Int4Quantizer(grid, chunk_values=512)
+    assert q.fast.limbs == 2
+    gen = torch.Generator().manual_seed(12)
+    weight = torch.randint(0, 256, (4, 128), dtype=torch.uint8, generator=gen)
+    weight[0] |= 0x77  # every value at magnitude 6: the clamped, largest terms
+    scale = torch.randint(100, 135, (4, 8), dtype=torch.uint8, generator=gen)
+    got = _assert_same(q, weight, scale, grid)
+    _, _, err7 = ref.quantize_experts(weight.numpy(), scale.numpy(), [7.0])
+    assert got.err_absmax7.flatten().tolist() == [float(e) for e in err7]

@@ -11,16 +11,20 @@ and while no fp32/BF16 step leaves the normal range, each step of the spec's ari
 exactly: s = 2^e * s0, q = q0 and the fp32 term = 4^e * term0, where s0, q0, term0 are the
 spec's arithmetic at e = 0. The choice of divisor then depends only on m and the codes. The
 exponents where this holds are not assumed but found: the spec's arithmetic is evaluated in fp32
-for every (u, m, divisor, code) and u is "scaled" when all of it equals the e = 0 values
-times the power of two (a few hundred KB of work, on the CPU, so every device uses the same
-tables).
+for every (u, m, divisor, code) and u is "scaled" when all of it equals the e = 0 values times
+the power of two (a few MB of work, on the CPU, so every device uses the same tables). For the
+default grid that is u = 65..190 (e = -62..63): below, squared terms underflow fp32; above,
+they overflow. Real weights sit far inside (u about 110..125).
 
-Scaled groups (all real weights: their bytes sit far from both ends of e8m0) use per-byte tables
-keyed by (m, byte), 8 x 256 rows, which stay in L2. At e = 0 every term is an integer number of
-2^-24 below 2^28 (s0 is a BF16 multiple of 2^-12, so q*s0 - g is a multiple of 2^-12 below 2^4),
-so each term is split into two integer limbs below 2^18 and 2^10: a group's limb sums stay below
-2^24, which makes fp32 embedding_bag (the fast FBGEMM kernel, unlike float64) exact in any order,
-on any device. The limbs are joined in float64 (exact) and scaled by 4^e.
+Scaled groups use per-byte tables keyed by (m, byte): 8 x 256 rows (~340 KB with the output
+table), which stay in L2, where a table per (u, m, byte) took 88 MB. At e = 0 the terms of one
+magnitude are integer multiples of a power of two (found from the table: 2^-24 for m = 0.5 up to
+2^-16 for m = 6), and with the default grid each is below 2^19 such units, so a group's sum of
+32 stays below 2^24: fp32 embedding_bag (FBGEMM's fast kernel; float64 takes a generic path
+~100x slower) is then exact in any order, on any device. Wider grids split the terms into
+base-2^19 limbs (more columns), joined in float64. The sum is scaled by 4^e, also exactly. The
+absmax7 error and the signal of the quality report are two more columns of the same lookup
+(exact, ~10% of it).
 
 Other groups (u near 0 or 255, where fp32 underflows or overflows) take the direct path: per-code
 float64 terms of the spec's arithmetic at their own u, summed exactly (every term is a multiple
@@ -48,10 +52,8 @@ _KEYS = 256 * _MAGS  # direct path: key = u * 8 + index of the group's largest m
 _BASE_U = 127  # e = 0
 DIVISOR_RANGE = (1.0, 16.0)  # keeps the bounds of the module doc
 OVERFLOW = 2.0**1000  # stands for an infinite fp32 term; any finite group error is below 2^273
-_TERM_UNIT = 2.0**-24  # at e = 0 every term is a multiple of this ...
-_DIFF_UNIT = 2.0**-12  # ... and every |q*s - g| a multiple of this
-_LIMB = 2**18  # term units = hi * _LIMB + lo
-_FP32_EXACT = 2**24  # integer sums below this are exact in fp32
+_DIFF_UNIT = 2.0**-12  # at e = 0 every |q*s - g| is a multiple of this
+_LIMB_BITS = 19  # a group's sum of 32 limbs below 2^19 stays below 2^24: exact in fp32
 
 
 def divisor_grid(start: float, stop: float, step: float) -> tuple[float, ...]:
@@ -91,8 +93,10 @@ class Int4Result:
 class Int4Quantizer:
     """Quantizes MXFP4 tensors for one divisor grid; build once, call per tensor.
 
-    chunk_values bounds the working set (about 40 bytes per value): the default keeps a chunk's
-    intermediates in a 2 MB L2.
+    chunk_values bounds the working set (about 16 bytes per value): the default keeps a chunk's
+    intermediates in a 1-2 MB L2. On the CPU, chunks run on `threads` Python threads (default:
+    torch.get_num_threads() at each call) with torch's intra-op threads set to 1 meanwhile; the
+    result does not depend on either.
     """
 
     def __init__(
@@ -223,8 +227,11 @@ def _finite_codes(g: torch.Tensor) -> torch.Tensor:
 def _scaled_exponents(spec: _Spec) -> torch.Tensor:
     """bool [256]: u whose whole arithmetic is the e = 0 arithmetic times powers of two."""
     p = e8m0_table().to(torch.float64).view(256, 1, 1)  # 2^e, exact in float64 (NaN at 255)
-    same = lambda x, base, scale: (x.to(torch.float64) == base.to(torch.float64) * scale).flatten(1).all(1)  # noqa: E731
     b = _BASE_U
+
+    def same(x: torch.Tensor, base: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+        return (x.to(torch.float64) == base.to(torch.float64) * scale).flatten(1).all(1)
+
     return (
         same(spec.s, spec.s[b], p)
         & (spec.q == spec.q[b]).flatten(1).all(1)
@@ -239,25 +246,27 @@ class _FastTables:
     def __init__(self, spec: _Spec, c: int, device: torch.device):
         b = _BASE_U
         lo, hi = torch.arange(256) & 0xF, torch.arange(256) >> 4
-        units = spec.term[b].to(torch.float64) / _TERM_UNIT  # [8, D, 16]
-        if not bool((units == units.round()).all()) or units.max() >= _LIMB * _LIMB:
-            raise AssertionError("e = 0 terms leave the integer-limb range of the module doc")
-        limbs = (torch.div(units, _LIMB, rounding_mode="floor"), units.remainder(_LIMB))
+        term = spec.term[b].to(torch.float64)  # [8, D, 16]
+        unit = torch.tensor([_power_of_two_unit(term[m]) for m in range(_MAGS)], dtype=torch.float64)
+        units = term / unit.view(-1, 1, 1)  # integers
+        self.limbs = max(1, -(-int(units.max()).bit_length() // _LIMB_BITS))
+        digits = [torch.div(units, 2.0 ** (_LIMB_BITS * j), rounding_mode="floor").remainder(2**_LIMB_BITS)
+                  for j in reversed(range(self.limbs))]  # most significant first
         sig = spec.signal[b].unsqueeze(1) / 2.0**-2  # code^2 in quarters: integers
-        cols = torch.cat((*limbs, sig), dim=1)  # [8, 2D + 1, 16]: hi per divisor, lo per divisor, signal
-        byte_cols = cols[:, :, lo] + cols[:, :, hi]  # [8, 2D + 1, 256]
-        if byte_cols.max() * (MXFP4_GROUP // 2) >= _FP32_EXACT:
+        cols = torch.cat((*digits, sig), dim=1)  # [8, limbs * D + 1, 16]
+        self.bag = (cols[:, :, lo] + cols[:, :, hi]).transpose(1, 2).reshape(_MAGS * 256, -1)
+        if float(self.bag.max()) * (MXFP4_GROUP // 2) >= 2**24:
             raise AssertionError("a group's limb sum could leave fp32's exact integers")
+        self.bag = self.bag.to(torch.float32).to(device)
         self.c, self.d = c, c + 1
-        self.bag = byte_cols.transpose(1, 2).reshape(_MAGS * 256, -1).to(torch.float32).to(device)
-        # argmin as one min: units * 2^shift + divisor index, exact in float64 (units < 2^33).
+        # argmin as one min: units * 2^shift + divisor index, exact in float64.
         self.shift = max(1, (c - 1).bit_length())
         if float(units.max()) * MXFP4_GROUP * 2**self.shift >= 2.0**53:
             raise AssertionError("keyed group errors leave float64's exact integers")
         self.index = torch.arange(c, dtype=torch.float64, device=device)
         self.key_scale = torch.tensor(2.0**self.shift, dtype=torch.float64, device=device)
-        self.limb = torch.tensor(float(_LIMB), dtype=torch.float64, device=device)
-        self.c_long = torch.tensor(c, dtype=torch.int64, device=device)
+        self.limb = torch.tensor(2.0**_LIMB_BITS, dtype=torch.float64, device=device)
+        self.unit = unit.to(device)  # [8]: the e = 0 term unit per magnitude index
         # Output byte and the byte's largest |q*s - g| (in 2^-12) in one int32 per (m, divisor, byte).
         q = spec.q[b, :, :c].to(torch.int32) + 8  # [8, C, 16]
         d = spec.absdiff[b, :, :c].to(torch.float64) / _DIFF_UNIT
@@ -267,26 +276,29 @@ class _FastTables:
         out_byte = q[:, :, lo] | (q[:, :, hi] << 4)
         self.out = ((torch.maximum(d[:, :, lo], d[:, :, hi]) << 8) | out_byte).flatten().to(device)
         self.s0 = spec.s[b, :, :c].reshape(-1).to(torch.float64).to(device)  # [8 * C]
-        # Per u: 2^e, the term unit 4^e 2^-24, the signal unit 4^e / 4, the difference unit 2^e 2^-12.
+        # Per u: 2^e, 4^e, the signal unit 4^e / 4, the difference unit 2^e 2^-12.
         p = e8m0_table().to(torch.float64)
-        self.per_u = torch.stack((p, p * p * _TERM_UNIT, p * p * 0.25, p * _DIFF_UNIT), dim=1).to(device)
+        self.per_u = torch.stack((p, p * p, p * p * 0.25, p * _DIFF_UNIT), dim=1).to(device)
 
     def quantize(self, w, u, mag, packed, scale, err, err7, signal) -> torch.Tensor:
         """Writes the outputs of the chunk's groups; returns the largest |q*s - g| (0-dim)."""
         c, d = self.c, self.d
         idx = w.long().add_((mag * 256).unsqueeze(1))  # row (magnitude index, byte) of the bag
-        sums = F.embedding_bag(idx, self.bag, mode="sum").to(torch.float64)  # [G, 2D + 1], exact
-        units = torch.addcmul(sums[:, d : 2 * d], sums[:, :d], self.limb)  # [G, D]: hi * 2^18 + lo, exact
+        sums = F.embedding_bag(idx, self.bag, mode="sum").to(torch.float64)  # [G, limbs * D + 1], exact
+        units = sums[:, :d]
+        for j in range(1, self.limbs):  # join the limbs, exact in float64
+            units = torch.addcmul(sums[:, j * d : (j + 1) * d], units, self.limb)
         keyed = torch.amin(torch.addcmul(self.index, units[:, :c], self.key_scale), dim=1).to(torch.int64)
         best = keyed & (2**self.shift - 1)  # the smallest error; of equal ones, the smaller divisor
-        per_u = self.per_u[u.long()]
-        err.copy_((keyed >> self.shift).to(torch.float64).mul_(per_u[:, 1]))
-        err7.copy_(units[:, c].mul(per_u[:, 1]))
-        signal.copy_(sums[:, 2 * d].mul(per_u[:, 2]))
-        mc = torch.addcmul(best, mag, self.c_long)  # (magnitude index, divisor)
-        v = self.out[idx.add_(((mc - mag) * 256).unsqueeze(1))]  # row (magnitude index, divisor, byte)
+        per_u = self.per_u.index_select(0, u.long())
+        term_unit = self.unit.take(mag).mul_(per_u[:, 1])  # exact: powers of two
+        err.copy_((keyed >> self.shift).to(torch.float64).mul_(term_unit))
+        err7.copy_(units[:, c].mul(term_unit))
+        signal.copy_(sums[:, -1].mul(per_u[:, 2]))
+        mc = mag * c + best  # (magnitude index, divisor)
+        v = self.out.take(idx.add_(((mc - mag) * 256).unsqueeze(1)))  # at (magnitude index, divisor, byte)
         packed.copy_(v & 0xFF)
-        scale.copy_(self.s0[mc].mul_(per_u[:, 0]))
+        scale.copy_(self.s0.take(mc).mul_(per_u[:, 0]))
         return (v >> 8).amax(dim=1).to(torch.float64).mul_(per_u[:, 3]).amax() if v.numel() else per_u.new_zeros(())
 
     def max_abs_err(self, w, u, mag) -> torch.Tensor:
@@ -321,6 +333,18 @@ class _DirectTables:
         packed = q[:, 0::2] | (q[:, 1::2] << 4)
         err = _inf(sums.gather(1, best.unsqueeze(1)).squeeze(1))
         return packed, self.s[kc], err, _inf(sums[:, c]), sums[:, c + 1], self.absdiff[idx].amax()
+
+
+def _power_of_two_unit(x: torch.Tensor) -> float:
+    """The largest power of two of which every value of x (float64, finite) is a multiple."""
+    nz = x[x != 0]
+    if not nz.numel():
+        return 1.0
+    mantissa, exponent = torch.frexp(nz)  # x = mantissa * 2^exponent, mantissa in [0.5, 1)
+    # mantissa * 2^53 is an integer; its trailing zero bits tell how far the unit can rise.
+    m = (mantissa.abs() * 2.0**53).to(torch.int64)
+    tz = ((m & -m).to(torch.float64).log2()).round().to(torch.int64)
+    return 2.0 ** int((exponent - 53 + tz).min())
 
 
 def _inf(x: torch.Tensor) -> torch.Tensor:
