@@ -21,7 +21,7 @@ demo: $(STAMP)
 	.venv/bin/vllm-ampere convert $(DEMO_DIR)/native $(DEMO_DIR)/dsv4_int
 	VLLM_CPU_KVCACHE_SPACE=1 .venv/bin/vllm-ampere bench --model $(DEMO_DIR)/dsv4_int \
 		--serve-args "--max-model-len 4096 --max-num-seqs 4" \
-		--contexts 256,512 --concurrency 1,2 --output-len 16 --out $(DEMO_DIR)/bench
+		--contexts 256,1k --concurrency 1,2 --output-len 16 --out $(DEMO_DIR)/bench
 
 # The random-prefix matrix (benchmarks/matrix.csv) measured with `vllm bench serve`; writes
 # JSON, a Markdown table beside the published rows, and plots (bench-results/<date-time>/):

@@ -37,7 +37,7 @@ def bench_run(tmp_path_factory):
         VLLM_AMPERE, "bench",
         "--model", str(model),
         "--serve-args", "--max-model-len 4096 --max-num-seqs 4",
-        "--contexts", "256,512", "--concurrency", "1,2", "--output-len", "16",
+        "--contexts", "256,1k", "--concurrency", "1,2", "--output-len", "16",
         "--stall-timeout", "60", "--poll", "0.5",
         "--out", str(out),
     ]  # fmt: skip
@@ -55,7 +55,7 @@ def test_every_row_passes_with_every_column(bench_run):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
     rows = report["rows"]
-    assert [(r["context"], r["concurrency"]) for r in rows] == [("256", 1), ("256", 2), ("512", 1), ("512", 2)]
+    assert [(r["context"], r["concurrency"]) for r in rows] == [("256", 1), ("256", 2), ("1k", 1), ("1k", 2)]
     for r in rows:
         assert r["result"] == "pass", r
         assert r["completed"] == r["concurrency"] and r["failed_requests"] == 0
@@ -78,7 +78,8 @@ def test_client_ran_in_the_seed_command_shape(bench_run):
         for flag in SEED_SHAPE:
             assert flag in cmd, (flag, cmd)
         context, c = log.name.split(".")[0].split("-c")
-        assert f"--random-input-len {context} " in cmd and f"--num-prompts {c} " in cmd
+        tokens = {"256": 256, "1k": 1000}[context]  # 1k: the matrix's (and the seed's) 1,000
+        assert f"--random-input-len {tokens} " in cmd and f"--num-prompts {c} " in cmd
         assert f"--max-concurrency {c} " in cmd and "--random-output-len 16 " in cmd
 
 
@@ -86,10 +87,15 @@ def test_markdown_and_plots(bench_run):
     proc, out, _ = bench_run
     md = (out / "report.md").read_text()
     measured = md.split("## Measured")[1].split("##")[0]
-    lines = [l for l in measured.splitlines() if l.startswith("| 256") or l.startswith("| 512")]
+    lines = [l for l in measured.splitlines() if l.startswith("| 256 |") or l.startswith("| 1k |")]
     assert len(lines) == 4
     for line in lines:
         assert "n/a" not in line and "| pass |" in line, line
+    # 1k C=1 has a published twin (the seed's INT4/INT8 1k row): shown beside it with ratios.
+    beside = md.split("## Beside the published rows")[1].split("## Plots")[0]
+    assert "| published int4_int8 | 1k | 1 | 1,000 | pass | 3.10 s | 322.1 | 34.09 ms | 29.33 | 24.94 |" in beside
+    ratio = next(l for l in beside.splitlines() if l.startswith("| ratio vs int4_int8 | 1k | 1 |"))
+    assert "n/a" not in ratio and ratio.count("×") == 5, ratio
     assert "| Context | C | Input tokens | Result | TTFT mean |" in proc.stdout  # table printed
     for name in ("tpot.png", "prefill.png"):
         data = (out / name).read_bytes()

@@ -79,14 +79,22 @@ def run(args) -> int:
     meta = {
         "server": server.base_url if not server.owned else f"vllm serve {args.model} {args.serve_args}".strip(),
         "vllm": importlib.metadata.version("vllm"),
-        "matrix": f"{args.matrix} ({len(rows)} rows)",
+        "matrix": " ".join(
+            [str(args.matrix)]
+            + [f"--{k.replace('_', '-')} {v}" for k, v in
+               (("contexts", args.contexts), ("concurrency", args.concurrency), ("output_len", args.output_len)) if v]
+            + [f"({len(rows)} rows)"]
+        ),  # fmt: skip
         "stall timeout s": args.stall_timeout,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     published = load_published()
     say(f"{len(rows)} row(s): " + ", ".join(f"{r.context} C={r.concurrency} out={r.output_tokens}" for r in rows))
+    # The client loads the tokenizer by the served model's name unless told; for a server
+    # started here that name may be a --served-model-name, so point it at the model itself.
+    tokenizer = args.tokenizer or args.model
     results = run_matrix(
-        rows, server, out, watch, args.tokenizer, shlex.split(args.bench_args),
+        rows, server, out, watch, tokenizer, shlex.split(args.bench_args),
         on_row=lambda done: write_report(done, out, meta, published),
     )  # fmt: skip
     paths = write_report(results, out, meta, published)

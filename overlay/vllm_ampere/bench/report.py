@@ -160,7 +160,10 @@ def write_report(results: list[RowResult], out_dir: Path, meta: dict, published:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     published = load_published() if published is None else published
-    plots = plot_report(results, published, out_dir)
+    try:
+        plots = plot_report(results, published, out_dir)
+    except ImportError as e:  # matplotlib is optional (the `test` extra brings it)
+        plots, meta = [], meta | {"plots": f"not drawn: {e}"}
     data = {
         "meta": meta,
         "rows": [r.as_dict() | {"published": matching_published(r, published)} for r in results],

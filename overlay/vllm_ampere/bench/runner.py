@@ -176,6 +176,7 @@ def run_row(
             stall = sw.observe(sample)
             if stall is not None:
                 res.result, res.reason, res.metrics = "stalled", stall.reason, stall.metrics
+                res.log_tail = tail(server.log_path, 20, log_start) if server.log_path else []
                 return res
             now = time.monotonic()
             if now - t0 > watch.row_timeout_s:
