@@ -8,13 +8,10 @@ the cheapest real model it accepts. The tokenizer maps `w0 w1 ...` one word to o
 `vllm bench serve --dataset-name random` gets exactly the input lengths it asks for (its
 decode/re-encode round trip is lossless; vllm/benchmarks/datasets/datasets.py,
 gen_prompt_decode_to_target_len).
-
-`python tests/e2e/_tiny_llama.py DST` writes one.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 
@@ -122,15 +119,3 @@ def write_tiny_llama(
         + "\n"
     )
     return dst
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("dst", type=Path, help="folder to write the checkpoint into")
-    args = parser.parse_args(argv)
-    print(write_tiny_llama(args.dst))
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

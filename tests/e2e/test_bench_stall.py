@@ -3,8 +3,9 @@
 - an engine frozen with SIGSTOP after its first tokens: the API server keeps answering
   /metrics with requests running and no new token (the seed's 16k C=2 row). The row must be
   named `stalled` within the configured time, the client stopped, nothing left running;
+- the same server resumed and targeted by URL (`--base-url`): the next row passes;
 - an engine killed during a row: the server exits; the row must be `failed` with its log lines.
-One server for the module; the frozen engine is resumed before the second row.
+One server for the module, in that order.
 """
 
 from __future__ import annotations
@@ -102,6 +103,17 @@ def test_frozen_engine_is_stalled_and_client_stopped(server, tmp_path):
     finally:
         for p in engine:
             p.resume()
+
+
+def test_by_base_url_after_the_stall_a_row_passes(server, tmp_path):
+    # The same server, resumed, targeted by URL as `--base-url` does: the stalled requests were
+    # aborted when the client was stopped, and the next row runs normally.
+    by_url = Server(base_url=server.base_url)
+    watch = WatchConfig(stall_timeout_s=60, poll_s=POLL_S, row_timeout_s=240)
+    row = MatrixRow("256", 256, 2, 16)
+    res = run_row(row, by_url, server.model_id(), tmp_path, watch, tokenizer=server.model)
+    assert res.result == "pass", res
+    assert res.completed == 2 and res.ttft_mean_s > 0 and res.decode_tok_s_stream > 0
 
 
 def test_engine_killed_mid_row_is_failed_and_nothing_left(server, tmp_path):
