@@ -247,7 +247,8 @@ def test_chunks_and_threads_give_identical_results():
     w = torch.randint(0, 256, (48, 2048), dtype=torch.uint8, generator=gen)
     u = torch.randint(60, 200, (48, 128), dtype=torch.uint8, generator=gen)  # fast and direct groups
     before = torch.get_num_threads()
-    results = [Int4Quantizer(GRID, chunk_values=cv, threads=t)(w, u) for cv, t in ((1 << 20, 1), (4096, 1), (4096, 2), (1024, 3))]
+    settings = ((1 << 20, 1), (4096, 1), (4096, 2), (1024, 3))  # (chunk_values, threads)
+    results = [Int4Quantizer(GRID, chunk_values=cv, threads=t)(w, u) for cv, t in settings]
     assert torch.get_num_threads() == before  # the chunk threads leave torch's setting alone
     for r in results[1:]:
         assert torch.equal(r.scale.view(torch.int16), results[0].scale.view(torch.int16))
