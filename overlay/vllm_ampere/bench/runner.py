@@ -28,9 +28,6 @@ from vllm_ampere.bench.processes import (
 )
 from vllm_ampere.bench.watchdog import StallWatch
 
-RESULTS = ("pass", "stalled", "failed", "oom")
-
-
 def say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
@@ -54,7 +51,7 @@ class RowResult:
     concurrency: int
     input_tokens: int  # requested (--random-input-len)
     output_tokens: int
-    result: str  # one of RESULTS
+    result: str  # pass | stalled | failed | oom
     reason: str | None = None
     ttft_mean_s: float | None = None
     prefill_tok_s_stream: float | None = None  # input tokens per request / TTFT mean

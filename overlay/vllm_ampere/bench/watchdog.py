@@ -15,7 +15,7 @@ tokenizing) the clock does not run; the runner's row timeout bounds that phase.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from vllm_ampere.bench.metrics import Sample
 
@@ -33,11 +33,9 @@ class StallWatch:
     first: Sample | None = None  # first good sample of the row: the token baseline
     last_ok: Sample | None = None
     progress_t: float | None = None  # when the clock last restarted
-    samples: int = field(default=0)
 
     def observe(self, s: Sample) -> Stall | None:
         """Feed one scrape; return a Stall when the row must be named stalled."""
-        self.samples += 1
         if self.progress_t is None:
             self.progress_t = s.t
         if not s.ok:
