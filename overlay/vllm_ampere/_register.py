@@ -22,6 +22,33 @@ def _log_through_vllm() -> None:
     logging.getLogger("vllm_ampere").parent = logging.getLogger("vllm")
 
 
+def _announce(msg: str, *args) -> None:
+    """Log the once-per-process summary, also where vLLM has not configured logging yet.
+
+    The API server loads plugins while it builds its CLI parser, before it configures the
+    `vllm` logger (vllm/engine/arg_utils.py AsyncEngineArgs.add_cli_args, then
+    configure_logging_from_args); a record sent then would be dropped. In that case this one
+    line goes through a logger of its own, on vLLM's stream and level.
+    """
+    import sys
+
+    import vllm.envs as envs
+
+    if logging.getLogger("vllm").handlers or not envs.VLLM_CONFIGURE_LOGGING:
+        logger.info(msg, *args)
+        return
+    early = logging.getLogger("vllm_ampere.announce")
+    if not early.handlers:
+        stream = sys.stdout if envs.VLLM_LOGGING_STREAM.endswith("stdout") else sys.stderr
+        handler = logging.StreamHandler(stream)
+        handler.setFormatter(logging.Formatter("%(levelname)s %(asctime)s [%(name)s] %(message)s",
+                                               datefmt="%m-%d %H:%M:%S"))
+        early.addHandler(handler)
+        early.setLevel(envs.VLLM_LOGGING_LEVEL)
+        early.propagate = False
+    early.info(msg, *args)
+
+
 def register_all() -> None:
     _log_through_vllm()
     import vllm
@@ -39,7 +66,7 @@ def register_all() -> None:
     installed, skipped = [], []
     for patch in all_patches():
         (installed if patch.apply() else skipped).append(patch.name)
-    logger.info(
+    _announce(
         "vllm_ampere plugin loaded in pid %d: quantization dsv4_int registered; patches "
         "installed: %s%s", os.getpid(), ", ".join(installed) or "none",
         f" (already installed or not needed here: {', '.join(skipped)})" if skipped else "")
