@@ -115,3 +115,21 @@ def test_server_stopped_and_nothing_left(bench_run):
     assert "Application startup complete" in log and "started vllm serve" in proc.stdout
     left = [p for p in psutil.process_iter() if _environ(p).get("VLLM_AMPERE_TEST_MARK") == mark]
     assert not left, [(p.pid, p.name()) for p in left]
+
+
+def test_a_server_that_cannot_start_fails_every_row_once(tmp_path):
+    # A model vLLM cannot load: `vllm serve` exits while starting. Every row is `failed` with
+    # the server's last log lines, the start is not retried per row, and the exit code says so.
+    model = tmp_path / "bad"
+    model.mkdir()
+    (model / "config.json").write_text('{"architectures": ["NopeForCausalLM"], "model_type": "nope"}')
+    out = tmp_path / "out"
+    cmd = [VLLM_AMPERE, "bench", "--model", str(model), "--contexts", "256", "--concurrency", "1,2",
+           "--output-len", "16", "--out", str(out)]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    rows = json.loads((out / "report.json").read_text())["rows"]
+    assert [r["result"] for r in rows] == ["failed", "failed"]
+    assert all(r["reason"] == "vllm serve did not start" and r["log_tail"] for r in rows)
+    assert "model type `nope`" in "\n".join(rows[0]["log_tail"])  # vLLM's own words, from its log
+    assert proc.stdout.count("started vllm serve") == 1

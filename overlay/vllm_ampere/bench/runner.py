@@ -250,23 +250,27 @@ def run_matrix(
     it died or after a stall (its stuck requests would hold the next row), and always stopped."""
     results: list[RowResult] = []
     model_id = None
+    start_error: ServerError | None = None  # the same arguments would fail again: no retry
     try:
         for i, row in enumerate(rows, 1):
-            if server.owned and not server.alive():
+            if server.owned and not server.alive() and start_error is None:
                 if server.starts:
                     say("vllm serve is down: restarting it for the next row")
                 try:
                     server.start(progress=say)
                 except ServerError as e:
-                    res = RowResult(row.context, row.concurrency, row.input_tokens, row.output_tokens, "failed")
-                    res.reason = "vllm serve did not start"
-                    res.log_tail = str(e).splitlines()[-30:]
-                    if find_oom(server.log_path):
-                        res.result = "oom"
-                    results.append(res)
-                    if on_row:
-                        on_row(results)
-                    continue
+                    start_error = e
+            if start_error is not None:
+                res = RowResult(row.context, row.concurrency, row.input_tokens, row.output_tokens, "failed")
+                res.reason = "vllm serve did not start"
+                res.log_tail = str(start_error).splitlines()[-30:]
+                if find_oom(server.log_path):
+                    res.result = "oom"
+                say(f"[{i}/{len(rows)}] {row.context} C={row.concurrency}: {res.result} ({res.reason})")
+                results.append(res)
+                if on_row:
+                    on_row(results)
+                continue
             if model_id is None and server.alive():
                 model_id = server.model_id()
             say(
