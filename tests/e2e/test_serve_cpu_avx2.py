@@ -62,8 +62,8 @@ def _kernel_libraries(root_pid: int) -> dict[int, set[str]]:
     return found
 
 
-def _greedy_with_margins(server, prompt: str) -> list[tuple[str, float]]:
-    """Greedy tokens, each with its log-probability margin over the runner-up."""
+def _greedy_with_margins(server, prompt: str) -> list[tuple[str, float, set[str]]]:
+    """Greedy tokens, each with its log-probability margin over the runner-up and the top two."""
     out = post_json(f"{server.base_url}/v1/completions", {
         "model": server.model_id(), "prompt": prompt, "max_tokens": GREEDY_TOKENS, "temperature": 0,
         "logprobs": 2})
@@ -71,7 +71,7 @@ def _greedy_with_margins(server, prompt: str) -> list[tuple[str, float]]:
     steps = []
     for token, top in zip(lp["tokens"], lp["top_logprobs"]):
         ranked = sorted(top.values(), reverse=True)
-        steps.append((token, ranked[0] - ranked[1] if len(ranked) > 1 else float("inf")))
+        steps.append((token, ranked[0] - ranked[1] if len(ranked) > 1 else float("inf"), set(top)))
     return steps
 
 
@@ -124,8 +124,9 @@ def test_avx2_greedy_matches_avx512_until_a_near_tie(avx2_run, avx512_run):
     model has near-ties)."""
     ours, theirs = avx2_run["greedy"], avx512_run["greedy"]
     assert ours and len(ours) == len(theirs) == GREEDY_TOKENS
-    for step, ((tok, _), (ref_tok, ref_margin)) in enumerate(zip(ours, theirs)):
+    for step, ((tok, _, _), (ref_tok, ref_margin, ref_top)) in enumerate(zip(ours, theirs)):
         if ref_margin <= 2 * LOGPROB_TOL:
             print(f"near-tie at step {step} (margin {ref_margin:.4g}); {step} tokens compared")
+            assert tok in ref_top, f"step {step}: AVX2 {tok!r} is not among AVX-512's top two {ref_top}"
             break
         assert tok == ref_tok, f"step {step}: AVX2 {tok!r} vs AVX-512 {ref_tok!r} (margin {ref_margin:.4g})"
