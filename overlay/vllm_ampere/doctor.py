@@ -31,7 +31,7 @@ def run(args) -> int:
     from vllm_ampere.patching import PatchTargetMoved
 
     ok = True
-    print(f"vllm-ampere-overlay doctor")
+    print("vllm-ampere-overlay doctor")
     same = vllm.__version__ == pins.VLLM_VERSION
     ok &= same
     print(f"vLLM {vllm.__version__} (pinned {pins.VLLM_VERSION}): {'ok' if same else 'MISMATCH'}")

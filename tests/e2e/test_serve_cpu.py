@@ -48,10 +48,10 @@ LOGPROB_TOL, LOGPROB_MEAN_TOL, LOGPROB_MIN_CORR = 0.15, 0.04, 0.99
 
 
 @contextmanager
-def served(model: Path, log_path: Path, serve_args: list[str]):
+def served(model: Path, log_path: Path, serve_args: list[str], extra_env: dict[str, str] | None = None):
     """A running `vllm serve MODEL` (yielded as its Server); stopped by process group on exit."""
     server = Server(model=str(model), serve_args=serve_args, log_path=log_path,
-                    env=os.environ | SERVE_ENV, startup_timeout_s=600)
+                    env=os.environ | SERVE_ENV | (extra_env or {}), startup_timeout_s=600)
     server.start(progress=lambda msg: print(msg, flush=True))
     try:
         yield server
@@ -120,10 +120,11 @@ def test_plugin_quant_methods_and_patches_in_use(int_server):
     log = int_server.log.read_text()
     plugin = re.findall(r"\(([\w-]+) pid=\d+\).*vllm_ampere plugin loaded in pid \d+.*?patches installed: (.*)", log)
     roles = {role.split("-")[0] for role, _ in plugin}
-    # The API server needs the plugin too (it validates quantization "dsv4_int" while building
-    # the engine config, so this server would not have started without it), but its INFO line
-    # is dropped: the "vllm_ampere" logger is not under vLLM's configured "vllm" logger.
     assert {"EngineCore", "VllmWorker"} <= roles, f"plugin lines seen: {plugin}"
+    # The API server loads plugins before vLLM configures logging, so its line comes through
+    # the plugin's own early logger (vllm_ampere._register._announce), without a role prefix.
+    api = re.findall(r"\[vllm_ampere\.announce\] vllm_ampere plugin loaded in pid (\d+)", log)
+    assert str(int_server.proc.pid) in api, f"API server (pid {int_server.proc.pid}) lines: {api}"
     worker_patches = " ".join(p for role, p in plugin if role.startswith("VllmWorker"))
     for name in ("cpu_build_tile_scheduler_keys", "cpu_triton_token_request_mapping", "cpu_hash_topk"):
         assert name in worker_patches, f"{name} not installed in the worker: {worker_patches}"

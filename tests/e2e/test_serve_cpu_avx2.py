@@ -10,18 +10,15 @@ is stopped before the AVX2 one starts.
 
 from __future__ import annotations
 
-import os
 import statistics
-from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
 import pytest
 import torch
 
-from test_serve_cpu import SERVE_ARGS, SERVE_ENV, post_json, prompt_logprobs, prompts  # noqa: F401 (fixture)
+from test_serve_cpu import SERVE_ARGS, post_json, prompt_logprobs, prompts, served  # noqa: F401 (fixture)
 
-from vllm_ampere.bench.processes import Server
 
 HAS_AVX512 = torch.cpu._is_avx512_supported()
 # Prompt log-probabilities (nats), AVX2 (our torch ops) vs AVX-512 (stock kernels). Both compute
@@ -33,18 +30,6 @@ HAS_AVX512 = torch.cpu._is_avx512_supported()
 # by their own spread (BF16 per-token std ~0.4).
 LOGPROB_TOL = 0.08
 GREEDY_TOKENS = 16
-
-
-@contextmanager
-def served(model: Path, log_path: Path, extra_env: dict[str, str]):
-    """test_serve_cpu's server (same arguments and environment) plus `extra_env`."""
-    server = Server(model=str(model), serve_args=SERVE_ARGS, log_path=log_path,
-                    env=os.environ | SERVE_ENV | extra_env, startup_timeout_s=600)
-    server.start(progress=lambda msg: print(msg, flush=True))
-    try:
-        yield server
-    finally:
-        server.stop()
 
 
 def _kernel_libraries(root_pid: int) -> dict[int, set[str]]:
@@ -86,7 +71,7 @@ def avx512_run(tiny_checkpoints, prompts, tmp_path_factory):
     if not HAS_AVX512:
         pytest.skip("this CPU has no AVX-512: no stock DeepSeek-V4 kernels to compare with")
     log = tmp_path_factory.mktemp("serve_avx512") / "server.log"
-    with served(tiny_checkpoints["dsv4_int"], log, {}) as server:
+    with served(tiny_checkpoints["dsv4_int"], log, SERVE_ARGS) as server:
         return _observe(server, prompts) | {"log": log.read_text()}
 
 
@@ -94,7 +79,7 @@ def avx512_run(tiny_checkpoints, prompts, tmp_path_factory):
 def avx2_run(tiny_checkpoints, prompts, force_avx2_env, avx512_run, tmp_path_factory):
     # Depends on avx512_run so the two servers never run at the same time.
     log = tmp_path_factory.mktemp("serve_avx2") / "server.log"
-    with served(tiny_checkpoints["dsv4_int"], log, force_avx2_env) as server:
+    with served(tiny_checkpoints["dsv4_int"], log, SERVE_ARGS, force_avx2_env) as server:
         return _observe(server, prompts) | {"log": log.read_text()}
 
 

@@ -207,7 +207,7 @@ def flash_mla_sparse_decode_ref(
     n = b * s_q
     qf = q.reshape(n, h, d).to(torch.float32)
     # One concatenated list per query: the first stream, then the second.
-    kv_parts, valid_parts = [], []
+    kv_parts = []
     for cache, bs, idx, lens in streams:
         idx = idx.reshape(b, s_q, -1)
         valid = slot_validity(idx, _num_slots(cache, bs), None if lens is None else lens.view(b, 1))
