@@ -56,11 +56,14 @@ def _run_in_thread(server: Server, out_dir, watch: WatchConfig):
 
 
 def _after_first_tokens(server: Server, baseline: float, timeout_s: float = 120) -> float:
-    """Wait until the row's requests all run and tokens come out (the seed's stall state)."""
+    """Wait until the row's requests run and tokens come out (the seed's stall state). Not
+    always both: on a loaded machine vLLM's client may start the second stream late, or lose it
+    to its own SSE parsing (a network read that ends right after `data:` has its space stripped:
+    vllm/benchmarks/lib/endpoint_request_func.py, `chunk_bytes.strip()`)."""
     t0 = time.monotonic()
     while True:
         s = scrape(server.base_url, timeout_s=2)
-        if s.ok and s.generated > baseline and s.running == ROW.concurrency:
+        if s.ok and s.generated > baseline and s.running >= 1:
             return s.generated
         assert time.monotonic() - t0 < timeout_s, f"no token within {timeout_s} s: {s}"
         time.sleep(0.02)
@@ -92,12 +95,13 @@ def test_frozen_engine_is_stalled_and_client_stopped(server, tmp_path):
         assert not thread.is_alive(), "the row hung"
         res = box["res"]
         assert res.result == "stalled", res
-        # Named within the stall timeout plus a couple of scrapes and the client's stop.
-        assert STALL_S <= named_after <= STALL_S + 4 * POLL_S + 10, named_after
-        last = res.metrics["last"]
-        assert last["vllm:num_requests_running"] == ROW.concurrency
+        # Named after the stall timeout, and promptly: a few scrapes and the client's stop
+        # (grace 5 s), with room for a loaded 2-core CI machine.
+        assert STALL_S <= named_after <= STALL_S + 20, named_after
+        running = res.metrics["last"]["vllm:num_requests_running"]
+        assert running >= 1 and at_freeze.running >= 1
         assert 1 <= res.metrics["generated_in_row"] < ROW.concurrency * ROW.output_tokens
-        assert "no new token" in res.reason and "2 request(s) running" in res.reason
+        assert "no new token" in res.reason and f"{running:g} request(s) running" in res.reason
         assert res.result_json is None  # the client was stopped before it could write one
         assert not _processes_using(tmp_path / "rows"), "vllm bench serve still running"
     finally:
