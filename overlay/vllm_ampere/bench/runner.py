@@ -28,6 +28,7 @@ from vllm_ampere.bench.processes import (
 )
 from vllm_ampere.bench.watchdog import StallWatch
 
+
 def say(msg: str) -> None:
     print(f"[bench {time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
