@@ -16,6 +16,7 @@ import torch
 from vllm.platforms import current_platform
 
 from vllm_ampere.attention.reference import compressor_state, indexer_fp8, sparse_mla, swa_insert
+from vllm_ampere.attention.rope import gptj_rope
 from vllm_ampere.cpu import gemm, mhc, ops
 
 current_platform.import_kernels()  # the kernel library vLLM's workers load on this CPU
@@ -153,7 +154,7 @@ def test_qnorm_rope_kv_insert_direct_small():
         torch.testing.assert_close(q_out[t, 0, 449::2].double(), e * sin + o * cos, rtol=8e-3, atol=1e-2)
     valid = slots >= 0
     rows = sparse_mla.dequantize_fp8_ds_mla(cache, 4, slots.clamp_min(0), valid)
-    want = swa_insert.gptj_rope(kv.float(), positions, cs)
+    want = gptj_rope(kv.float(), positions, cs)
     torch.testing.assert_close(rows[valid], want[valid], rtol=0.07, atol=0.07)  # e4m3: 3 mantissa bits
 
 
@@ -259,7 +260,7 @@ def test_inverse_rope_matches_stock_and_undoes_rope(t, heads):
     theirs = torch.ops._C.inverse_gptj_rope_o_proj_cpu(o, positions, cs, 64)
     assert ours.dtype == theirs.dtype == torch.float32
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
-    back = swa_insert.gptj_rope(ours.float(), positions, cs)
+    back = gptj_rope(ours.float(), positions, cs)
     torch.testing.assert_close(back, o.float(), rtol=0.02, atol=0.02)
 
 

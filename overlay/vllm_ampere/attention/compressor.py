@@ -23,16 +23,7 @@ from __future__ import annotations
 import torch
 
 from vllm_ampere.attention.reference.sparse_mla import insert_fp8_ds_mla
-
-
-def _rope_last(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
-    rope = cos_sin_cache.shape[-1]
-    cs = cos_sin_cache.index_select(0, positions).to(torch.float32)
-    cos, sin = cs[:, : rope // 2], cs[:, rope // 2:]
-    pairs = x[:, -rope:].unflatten(-1, (rope // 2, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), -1).flatten(-2)
-    return torch.cat((x[:, :-rope], rotated), -1)
+from vllm_ampere.attention.rope import gptj_rope
 
 
 def _insert_indexer_fp8(kv_cache: torch.Tensor, block_size: int, slots: torch.Tensor, x: torch.Tensor) -> None:
@@ -78,7 +69,7 @@ def compress_norm_rope_store(state_cache: torch.Tensor, gather_slots: torch.Tens
     c = (torch.softmax(score, dim=1) * kv).sum(1)  # [m, head]
     normed = c * torch.rsqrt(c.pow(2).mean(-1, keepdim=True) + rms_norm_eps) * rms_norm_weight.to(torch.float32)
     rope_pos = (positions[sel] // compress_ratio) * compress_ratio
-    roped = _rope_last(normed, rope_pos, cos_sin_cache)
+    roped = gptj_rope(normed, rope_pos, cos_sin_cache)
     dest = kv_slots[sel]
     if head == 512:
         rope_dim = cos_sin_cache.shape[-1]

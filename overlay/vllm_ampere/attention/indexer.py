@@ -22,6 +22,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_ampere.attention.rope import gptj_rotate
+
 HEAD_DIM = 128
 SCALE_BYTES = 4
 # Elements of the [rows * heads, cols] score block a chunk may hold (BF16: 2 bytes each).
@@ -35,13 +37,8 @@ def indexer_q_bf16(positions: torch.Tensor, index_q: torch.Tensor, cos_sin_cache
                    ) -> tuple[torch.Tensor, torch.Tensor]:
     """GPT-J RoPE on the last rope dims of each head (rounded to BF16, as the stock kernel
     rounds before quantizing) -> (q [T, H, D] bf16, weights * softmax_scale * head_scale fp32)."""
-    rope = cos_sin_cache.shape[-1]
-    nope = index_q.shape[-1] - rope
-    cs = cos_sin_cache.index_select(0, positions.to(torch.long)).to(torch.float32)
-    cos, sin = cs[:, None, : rope // 2], cs[:, None, rope // 2:]
-    pairs = index_q[..., nope:].to(torch.float32).unflatten(-1, (rope // 2, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, odd * cos + even * sin), -1).flatten(-2)
+    nope = index_q.shape[-1] - cos_sin_cache.shape[-1]
+    rotated = gptj_rotate(index_q[..., nope:], positions, cos_sin_cache)
     q = torch.cat((index_q[..., :nope].to(torch.bfloat16), rotated.to(torch.bfloat16)), -1)
     return q, weights.to(torch.float32) * (softmax_scale * head_scale)
 

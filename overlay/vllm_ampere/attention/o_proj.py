@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_ampere.attention.rope import gptj_rotate
+
 
 def inverse_rope_o(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor,
                    rope_dim: int) -> torch.Tensor:
@@ -20,11 +22,7 @@ def inverse_rope_o(o: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torc
     (same math as vLLM's inverse_gptj_rope_o_proj_cpu and the Triton kernel's QUANTIZE=False).
     """
     nope = o.shape[-1] - rope_dim
-    cs = cos_sin_cache.index_select(0, positions.to(torch.long)).to(torch.float32)
-    cos, sin = cs[:, None, : rope_dim // 2], cs[:, None, rope_dim // 2:]
-    pairs = o[..., nope:].to(torch.float32).unflatten(-1, (rope_dim // 2, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rope = torch.stack((even * cos + odd * sin, odd * cos - even * sin), dim=-1).flatten(-2)
+    rope = gptj_rotate(o[..., nope:], positions, cos_sin_cache, inverse=True)
     return torch.cat((o[..., :nope], rope.to(o.dtype)), dim=-1)
 
 

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import torch
 
-from vllm_ampere.attention.reference.swa_insert import gptj_rope
+from vllm_ampere.attention.rope import gptj_rope
 
 FP8_MAX = 448.0
 INDEX_HEAD_DIM = 128

@@ -18,20 +18,7 @@ from __future__ import annotations
 import torch
 
 from vllm_ampere.attention.reference.sparse_mla import HEAD_DIM, ROPE_DIM, insert_fp8_ds_mla
-
-
-def gptj_rope(x: torch.Tensor, positions: torch.Tensor, cos_sin_cache: torch.Tensor) -> torch.Tensor:
-    """Forward GPT-J RoPE on the last rope dims of x [T, ..., D] (fp32 result); cos_sin_cache
-    [max_pos, rope] holds the cos halves then the sin halves."""
-    rope = cos_sin_cache.shape[-1]
-    cs = cos_sin_cache.index_select(0, positions.to(torch.long)).to(torch.float32)
-    shape = (cs.shape[0],) + (1,) * (x.dim() - 2) + (rope // 2,)
-    cos, sin = cs[:, : rope // 2].reshape(shape), cs[:, rope // 2:].reshape(shape)
-    xf = x.to(torch.float32)
-    pairs = xf[..., -rope:].unflatten(-1, (rope // 2, 2))
-    even, odd = pairs[..., 0], pairs[..., 1]
-    rotated = torch.stack((even * cos - odd * sin, even * sin + odd * cos), -1).flatten(-2)
-    return torch.cat((xf[..., :-rope], rotated), -1)
+from vllm_ampere.attention.rope import gptj_rope
 
 
 def qnorm_rope_kv_insert(q: torch.Tensor, kv: torch.Tensor, positions: torch.Tensor, cache_2d: torch.Tensor,
