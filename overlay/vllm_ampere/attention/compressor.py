@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import torch
 
+from vllm_ampere.attention.reference.indexer_fp8 import indexer_cache_columns, indexer_cache_rows
 from vllm_ampere.attention.reference.sparse_mla import insert_fp8_ds_mla
 from vllm_ampere.attention.rope import gptj_rope
 
@@ -31,12 +32,11 @@ def _insert_indexer_fp8(kv_cache: torch.Tensor, block_size: int, slots: torch.Te
     amax = x.abs().amax(-1).clamp_min(1e-4)
     exponent = torch.ceil(torch.log2(amax * (1.0 / 448.0)))
     values = (x * torch.exp2(-exponent).unsqueeze(-1)).clamp(-448.0, 448.0).to(torch.float8_e4m3fn)
-    rows = kv_cache.as_strided((kv_cache.shape[0], block_size * (head + 4)), (kv_cache.stride(0), 1))
-    block, off = slots // block_size, slots % block_size
-    cols = off.unsqueeze(-1) * head + torch.arange(head, device=x.device)
-    rows[block.unsqueeze(-1), cols] = values.view(torch.uint8)
-    scale_cols = block_size * head + off.unsqueeze(-1) * 4 + torch.arange(4, device=x.device)
-    rows[block.unsqueeze(-1), scale_cols] = torch.exp2(exponent).to(torch.float32).unsqueeze(-1).view(torch.uint8)
+    rows = indexer_cache_rows(kv_cache, block_size, head)
+    block = (slots // block_size).unsqueeze(-1)
+    cols, scale_cols = indexer_cache_columns(slots % block_size, block_size, head)
+    rows[block, cols] = values.view(torch.uint8)
+    rows[block, scale_cols] = torch.exp2(exponent).to(torch.float32).unsqueeze(-1).view(torch.uint8)
 
 
 def compress_norm_rope_store(state_cache: torch.Tensor, gather_slots: torch.Tensor, positions: torch.Tensor,

@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import torch
 
+from vllm_ampere.attention.reference.indexer_fp8 import indexer_cache_columns, indexer_cache_rows
 from vllm_ampere.attention.rope import gptj_rotate
 
-HEAD_DIM = 128
-SCALE_BYTES = 4
 # Elements of the [rows * heads, cols] score block a chunk may hold (BF16: 2 bytes each).
 SCORE_BLOCK_ELEMS = 32 * 1024 * 1024
 # fp32 logits a row chunk may hold before its top-k.
@@ -48,7 +47,7 @@ def gather_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: tor
     """Flatten the requests' compressed keys: (values [N, 128] bf16, scales [N] fp32,
     cu_seq_lens [R + 1] int64). Slots outside the cache give a zero row and scale."""
     num_blocks, block_size = kv_cache.shape[0], kv_cache.shape[1]
-    rows = kv_cache.as_strided((num_blocks, block_size * (HEAD_DIM + SCALE_BYTES)), (kv_cache.stride(0), 1))
+    rows = indexer_cache_rows(kv_cache, block_size)
     device = kv_cache.device
     lens = seq_lens.to(torch.int64).to(device)
     cu = torch.zeros(lens.shape[0] + 1, dtype=torch.int64, device=device)
@@ -61,10 +60,8 @@ def gather_keys(kv_cache: torch.Tensor, block_table: torch.Tensor, seq_lens: tor
     blk = table[req, col.clamp(max=table.shape[1] - 1)]
     valid = (col < table.shape[1]) & (blk >= 0) & (blk < num_blocks)
     blk = torch.where(valid, blk, 0)
-    off = pos % block_size
-    val_cols = off.unsqueeze(-1) * HEAD_DIM + torch.arange(HEAD_DIM, device=device)
+    val_cols, sc_cols = indexer_cache_columns(pos % block_size, block_size)
     values = rows[blk.unsqueeze(-1), val_cols].view(torch.float8_e4m3fn).to(torch.bfloat16)
-    sc_cols = block_size * HEAD_DIM + off.unsqueeze(-1) * SCALE_BYTES + torch.arange(SCALE_BYTES, device=device)
     scales = rows[blk.unsqueeze(-1), sc_cols].contiguous().view(torch.float32).squeeze(-1)
     values = torch.where(valid.unsqueeze(-1), values, 0)
     return values, torch.where(valid, scales, 0.0), cu

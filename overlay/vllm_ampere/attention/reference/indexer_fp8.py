@@ -28,6 +28,22 @@ SCALE_BYTES = 4
 TOPK = 512
 
 
+def indexer_cache_rows(cache: torch.Tensor, block_size: int, head_dim: int = INDEX_HEAD_DIM) -> torch.Tensor:
+    """[pages, block_size * (head_dim + 4)] uint8 view of a paged FP8 indexer cache (page stride
+    kept: the row stride may exceed a page)."""
+    return cache.as_strided((cache.shape[0], block_size * (head_dim + SCALE_BYTES)), (cache.stride(0), 1))
+
+
+def indexer_cache_columns(off: torch.Tensor, block_size: int, head_dim: int = INDEX_HEAD_DIM
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte columns, within a page row, of the e4m3 values [..., head_dim] and the fp32 scale's
+    bytes [..., 4] of the tokens at in-page offsets `off` [...]."""
+    off = off.unsqueeze(-1)
+    values = off * head_dim + torch.arange(head_dim, device=off.device)
+    scales = block_size * head_dim + off * SCALE_BYTES + torch.arange(SCALE_BYTES, device=off.device)
+    return values, scales
+
+
 def indexer_q_fp8(positions: torch.Tensor, index_q: torch.Tensor, cos_sin_cache: torch.Tensor,
                   weights: torch.Tensor, softmax_scale: float, head_scale: float
                   ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -56,8 +72,7 @@ def paged_mqa_logits(q_fp8: torch.Tensor, kv_cache_2d: torch.Tensor, weights: to
     out = torch.full((b, max_seq_len), float("-inf"), dtype=torch.float32, device=q_fp8.device)
     if b == 0 or max_seq_len == 0:
         return out
-    rows = kv_cache_2d.as_strided((kv_cache_2d.shape[0], block_size * (INDEX_HEAD_DIM + SCALE_BYTES)),
-                                  (kv_cache_2d.stride(0), 1))
+    rows = indexer_cache_rows(kv_cache_2d, block_size)
     pos = torch.arange(max_seq_len, device=q_fp8.device)
     lens = seq_lens.to(torch.int64).clamp(max=max_seq_len)
     for r in range(b):
@@ -66,10 +81,9 @@ def paged_mqa_logits(q_fp8: torch.Tensor, kv_cache_2d: torch.Tensor, weights: to
             continue
         p = pos[:n]
         page = page_table[r, p // block_size].to(torch.int64).unsqueeze(-1)
-        off = (p % block_size).unsqueeze(-1)
-        k = rows[page, off * INDEX_HEAD_DIM + torch.arange(INDEX_HEAD_DIM)].view(torch.float8_e4m3fn)
-        k_scale = rows[page, block_size * INDEX_HEAD_DIM + off * SCALE_BYTES + torch.arange(SCALE_BYTES)]
-        k_scale = k_scale.contiguous().view(torch.float32).squeeze(-1)
+        value_cols, scale_cols = indexer_cache_columns(p % block_size, block_size)
+        k = rows[page, value_cols].view(torch.float8_e4m3fn)
+        k_scale = rows[page, scale_cols].contiguous().view(torch.float32).squeeze(-1)
         # e4m3 values are exact in fp32; the dot products accumulate in fp32 as the stock kernel's.
         s = q_fp8[r].to(torch.float32) @ k.to(torch.float32).t()  # [H, n]
         out[r, :n] = (s.relu() * weights[r].to(torch.float32).unsqueeze(-1)).sum(0) * k_scale
