@@ -70,6 +70,15 @@ def fp8_ds_mla_byte_offsets(slots: torch.Tensor, block_size: int, block_stride: 
     return base + pos * TOKEN_DATA_BYTES, base + block_size * TOKEN_DATA_BYTES + pos * TOKEN_SCALE_BYTES
 
 
+def _token_columns(pos: torch.Tensor, block_size: int, num_scales: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Byte columns, within a block row, of the token data [..., 576] and the first `num_scales`
+    scale bytes [..., num_scales] of the tokens at in-block positions `pos` [...]."""
+    pos = pos.unsqueeze(-1)
+    data = pos * TOKEN_DATA_BYTES + torch.arange(TOKEN_DATA_BYTES, device=pos.device)
+    scales = block_size * TOKEN_DATA_BYTES + pos * TOKEN_SCALE_BYTES + torch.arange(num_scales, device=pos.device)
+    return data, scales
+
+
 def slot_validity(slots: torch.Tensor, num_slots: int, lengths: torch.Tensor | None) -> torch.Tensor:
     """[..., n] bool: 0 <= slot < num_slots and position < length (lengths: [...] or None)."""
     valid = (slots >= 0) & (slots < num_slots)
@@ -90,12 +99,10 @@ def dequantize_fp8_ds_mla(cache: torch.Tensor, block_size: int, slots: torch.Ten
     idx = flat_valid.nonzero().squeeze(-1)
     if idx.numel():
         sel = safe[idx]
-        block, pos = sel // block_size, sel % block_size
-        data_cols = pos.unsqueeze(-1) * TOKEN_DATA_BYTES + torch.arange(TOKEN_DATA_BYTES, device=cache.device)
-        data = rows[block.unsqueeze(-1), data_cols]  # [n, 576] uint8
-        scale_cols = (block_size * TOKEN_DATA_BYTES + pos.unsqueeze(-1) * TOKEN_SCALE_BYTES
-                      + torch.arange(NOPE_DIM // QUANT_BLOCK, device=cache.device))
-        exps = rows[block.unsqueeze(-1), scale_cols].to(torch.float32)  # [n, 7]
+        block = (sel // block_size).unsqueeze(-1)
+        data_cols, scale_cols = _token_columns(sel % block_size, block_size, NOPE_DIM // QUANT_BLOCK)
+        data = rows[block, data_cols]  # [n, 576] uint8
+        exps = rows[block, scale_cols].to(torch.float32)  # [n, 7]
         nope = data[:, :NOPE_DIM].contiguous().view(torch.float8_e4m3fn).to(torch.float32)
         nope = nope.view(-1, NOPE_DIM // QUANT_BLOCK, QUANT_BLOCK) * torch.exp2(exps - 127.0).unsqueeze(-1)
         rope = data[:, NOPE_DIM:].contiguous().view(torch.bfloat16).to(torch.float32)
@@ -123,12 +130,10 @@ def insert_fp8_ds_mla(cache: torch.Tensor, block_size: int, slots: torch.Tensor,
     data, scales = quantize_fp8_ds_mla(kv)
     rows = _cache_rows(cache, block_size)
     slots = slots.to(torch.int64)
-    block, pos = slots // block_size, slots % block_size
-    data_cols = pos.unsqueeze(-1) * TOKEN_DATA_BYTES + torch.arange(TOKEN_DATA_BYTES, device=cache.device)
-    scale_cols = (block_size * TOKEN_DATA_BYTES + pos.unsqueeze(-1) * TOKEN_SCALE_BYTES
-                  + torch.arange(TOKEN_SCALE_BYTES, device=cache.device))
-    rows[block.unsqueeze(-1), data_cols] = data
-    rows[block.unsqueeze(-1), scale_cols] = scales
+    block = (slots // block_size).unsqueeze(-1)
+    data_cols, scale_cols = _token_columns(slots % block_size, block_size, TOKEN_SCALE_BYTES)
+    rows[block, data_cols] = data
+    rows[block, scale_cols] = scales
 
 
 def _num_slots(cache: torch.Tensor, block_size: int) -> int:
