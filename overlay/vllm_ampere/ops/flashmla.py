@@ -16,22 +16,14 @@ from typing import Literal
 import torch
 
 from vllm_ampere.attention.reference import sparse_mla as ref
+from vllm_ampere.ops import extension_error
 
 Backend = Literal["auto", "cuda", "torch"]
-
-
-@functools.cache
-def _load() -> str | None:
-    """None when the extension imported, else why not."""
-    try:
-        import vllm_ampere._flashmla_C  # noqa: F401  (registers torch.ops.vllm_ampere_flashmla)
-    except ImportError as e:
-        return f"vllm_ampere._flashmla_C is not built ({e}); build it with `make ext` on a CUDA machine"
-    return None
+EXTENSION = "_flashmla_C"  # importing it registers torch.ops.vllm_ampere_flashmla
 
 
 def extension_available() -> bool:
-    return _load() is None
+    return extension_error(EXTENSION) is None
 
 
 @functools.cache
@@ -42,13 +34,14 @@ def _sm80_or_newer(device_index: int) -> bool:
 def _use_cuda(q: torch.Tensor, backend: Backend) -> bool:
     if backend == "torch":
         return False
-    reason = _load()
+    reason = extension_error(EXTENSION)
     usable = (q.is_cuda and reason is None
               and _sm80_or_newer(q.device.index if q.device.index is not None else torch.cuda.current_device()))
     if backend == "cuda" and not usable:
+        why = f"{reason} (build it with `make ext` on a CUDA machine)" if reason else f"q is on {q.device}"
         raise RuntimeError(
             "vllm_ampere sparse MLA: backend='cuda' needs a CUDA tensor on an sm80+ GPU and the "
-            f"built extension; {reason or f'q is on {q.device}'}")
+            f"built extension; {why}")
     return usable
 
 
