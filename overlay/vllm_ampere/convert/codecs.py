@@ -54,9 +54,23 @@ def decode_mxfp4(weight_u8: torch.Tensor, scale_u8: torch.Tensor) -> torch.Tenso
     return (vals.unflatten(-1, (-1, MXFP4_GROUP)) * pow2.unsqueeze(-1)).flatten(-2)
 
 
+def block_amax(w: torch.Tensor) -> torch.Tensor:
+    """max |w| of each 128x128 block of w [N, K] -> [ceil(N/128), ceil(K/128)] (edge blocks
+    padded with zeros, which never raise a block's max)."""
+    n, k = w.shape
+    bn, bk = -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)
+    padded = torch.zeros(bn * FP8_BLOCK, bk * FP8_BLOCK, dtype=w.dtype, device=w.device)
+    padded[:n, :k] = w
+    return padded.reshape(bn, FP8_BLOCK, bk, FP8_BLOCK).abs().amax(dim=(1, 3))
+
+
+def expand_blocks(per_block: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """[ceil(N/128), ceil(K/128)] per-block values -> [n, k], each repeated over its block."""
+    return per_block.repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
+
+
 def decode_fp8_blocks(weight_e4m3: torch.Tensor, scale_u8: torch.Tensor) -> torch.Tensor:
     """F8_E4M3 [N, K] + e8m0 [ceil(N/128), ceil(K/128)] bytes -> fp32 [N, K]."""
     n, k = weight_e4m3.shape
-    pow2 = e8m0_table(weight_e4m3.device)[scale_u8.long()]
-    full = pow2.repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
+    full = expand_blocks(e8m0_table(weight_e4m3.device)[scale_u8.long()], n, k)
     return weight_e4m3.view(torch.float8_e4m3fn).to(torch.float32) * full

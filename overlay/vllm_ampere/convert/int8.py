@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .codecs import FP8_BLOCK, bf16
+from .codecs import bf16, block_amax, expand_blocks
 
 
 @dataclass(frozen=True)
@@ -29,13 +29,8 @@ def quantize_channel(w: torch.Tensor) -> Int8Result:
 
 
 def quantize_block(w: torch.Tensor) -> Int8Result:
-    n, k = w.shape
-    bn, bk = -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)
-    padded = torch.zeros(bn * FP8_BLOCK, bk * FP8_BLOCK, dtype=w.dtype, device=w.device)
-    padded[:n, :k] = w  # zero padding never raises a block's max
-    tiles = padded.reshape(bn, FP8_BLOCK, bk, FP8_BLOCK)
-    s = bf16(tiles.abs().amax(dim=(1, 3)) / 127.0)
-    s_full = s.to(torch.float32).repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
+    s = bf16(block_amax(w) / 127.0)
+    s_full = expand_blocks(s.to(torch.float32), *w.shape)
     q = _codes(w, s_full)
     return Int8Result(q.to(torch.int8), s, q * s_full)
 

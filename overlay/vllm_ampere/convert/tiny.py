@@ -18,7 +18,8 @@ from pathlib import Path
 
 import torch
 
-from .codecs import E2M1_VALUES, FP8_BLOCK, MXFP4_GROUP, decode_fp8_blocks, decode_mxfp4, pack_nibbles
+from .codecs import (E2M1_VALUES, FP8_BLOCK, MXFP4_GROUP, block_amax, decode_fp8_blocks, decode_mxfp4, expand_blocks,
+                     pack_nibbles)
 from .layout import NativeTensor, native_tensors
 from .safetensors_io import ShardWriter, dtype_code, write_file_atomic
 
@@ -161,13 +162,9 @@ def _keep_tensor(name: str, t: NativeTensor, cfg: dict, gen) -> torch.Tensor:
 
 def _fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """fp32 [N, K] -> (F8_E4M3 [N, K], e8m0 [ceil(N/128), ceil(K/128)]): power-of-two block scales."""
-    n, k = w.shape
-    bn, bk = -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)
-    padded = torch.zeros(bn * FP8_BLOCK, bk * FP8_BLOCK)
-    padded[:n, :k] = w
-    amax = padded.reshape(bn, FP8_BLOCK, bk, FP8_BLOCK).abs().amax(dim=(1, 3)).clamp_min(2.0**-100)
+    amax = block_amax(w).clamp_min(2.0**-100)
     exp = torch.ceil(torch.log2(amax / 448.0))
-    full = torch.pow(2.0, exp).repeat_interleave(FP8_BLOCK, 0)[:n].repeat_interleave(FP8_BLOCK, 1)[:, :k]
+    full = expand_blocks(torch.pow(2.0, exp), *w.shape)
     return (w / full).to(torch.float8_e4m3fn), (exp + 127).to(torch.uint8).view(torch.float8_e8m0fnu)
 
 
