@@ -10,6 +10,7 @@ last, so a directory without it is visibly incomplete.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -335,17 +336,9 @@ def _copy_other_files(src: Path, dst: Path) -> None:
         write_file_atomic(dst / rel, path.read_bytes())
 
 
-class _NoBar:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
-
-
 def _progress(options: ConvertOptions, total: int, shards: int):
     if not options.progress or total == 0:
-        return _NoBar()
+        return contextlib.nullcontext()  # enters as None: no bar
     from tqdm import tqdm
 
     return tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=f"converting {shards} shards",
