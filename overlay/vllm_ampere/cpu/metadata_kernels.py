@@ -96,7 +96,6 @@ def prefill_gather_lens(prefill_gather_lens: torch.Tensor, seq_lens: torch.Tenso
     prefill_gather_lens[:num_prefills] = out.to(prefill_gather_lens.dtype)
 
 
-
 def _token_requests(query_start_loc: torch.Tensor, num_reqs: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(request of each token in [0, query_start_loc[num_reqs]), the token's offset in it)."""
     qsl = query_start_loc[: num_reqs + 1].to(torch.int64)
@@ -174,6 +173,7 @@ def prefill_chunk_metadata(query_start_loc: torch.Tensor, uncompressed_seq_lens:
     cu = cu_compressed_seq_lens[: num_reqs + 1].to(torch.int64)
     owners = torch.repeat_interleave(torch.arange(num_reqs, device=cu.device), (cu[1:] - cu[:-1]).clamp(min=0))
     token_to_seq[cu[0]: cu[0] + owners.numel()] = owners.to(token_to_seq.dtype)
+
 
 def kernel_override(impl):
     """Patch factory for a bare `@triton.jit` kernel launched as `kernel[grid](...)`: vLLM's own
