@@ -6,6 +6,7 @@ dequantized checkpoint; then every load error case, naming its tensor.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import socket
 
@@ -201,10 +202,117 @@ def test_bad_checkpoint_names_the_tensor(converted, vllm_env, monkeypatch, tmp_p
         load(bad, monkeypatch)
 
 
-def test_unexpected_tensor_is_named(converted, vllm_env, monkeypatch, tmp_path):
-    def add(t):
-        t["layers.0.attn.wq_b.zero_point"] = torch.zeros(4, dtype=torch.uint8)
-
-    bad = _edit(converted, tmp_path / "extra", add)
-    with pytest.raises(KeyError, match=r"layers\.0\.attn\.wq_b\.zero_point"):
+@pytest.mark.parametrize("name, tensor, message", [
+    ("layers.0.attn.wq_b.zero_point", torch.zeros(4, dtype=torch.uint8),
+     r"unexpected checkpoint tensor layers\.0\.attn\.wq_b\.zero_point \(in model\.safetensors\): "
+     r"the DeepSeek-V4 model has no parameter"),
+    ("lm_adapter.weight", torch.zeros(4), r"unexpected checkpoint tensor lm_adapter\.weight \(in model\.safetensors\): "
+     r"There is no module or parameter named 'lm_adapter' in DeepseekV4ForCausalLM$"),
+])
+def test_unexpected_tensor_is_named(converted, vllm_env, monkeypatch, tmp_path, name, tensor, message):
+    bad = _edit(converted, tmp_path / "extra", lambda t: t.__setitem__(name, tensor))
+    with pytest.raises(Dsv4IntLoadError, match=message):
         load(bad, monkeypatch)
+
+
+@pytest.mark.parametrize("name, dtype, param", [
+    # the compressor's fused wkv+wgate (built with quant_config=None) and a norm (default loader)
+    ("layers.1.attn.compressor.wkv.weight", torch.uint8,
+     r"model\.layers\.1\.attn\.compressor\.fused_wkv_wgate\.weight"),
+    ("layers.0.attn_norm.weight", torch.int8, r"model\.layers\.0\.attn_norm\.weight"),
+])
+def test_quantized_bytes_for_an_unquantized_layer_are_refused(converted, vllm_env, monkeypatch, tmp_path, name,
+                                                               dtype, param):
+    bad = _edit(converted, tmp_path / "bytes", lambda t: t.__setitem__(name, torch.ones_like(t[name], dtype=dtype)))
+    with pytest.raises(Dsv4IntLoadError, match=re.escape(name) + r" \(in model\.safetensors\): holds "
+                       + str(dtype).removeprefix("torch.") + r" .* but " + param + r" is unquantized bfloat16"):
+        load(bad, monkeypatch)
+
+
+def test_wrongly_shaped_unquantized_tensor_is_named(converted, vllm_env, monkeypatch, tmp_path):
+    name = "layers.0.ffn.gate.weight"
+    bad = _edit(converted, tmp_path / "gate", lambda t: t.__setitem__(name, t[name][:4].contiguous()))
+    with pytest.raises(Dsv4IntLoadError, match=r"layers\.0\.ffn\.gate\.weight \(in model\.safetensors\): "
+                       r"bfloat16 \[4, 256\] does not fit model\.layers\.0\.ffn\.gate\.weight \[8, 256\]"):
+        load(bad, monkeypatch)
+
+
+def _to_block(t):
+    """Re-shape every INT8 linear tensor as strategy `block` would (I8 weight, 128x128 scales)."""
+    for name in [n for n, w in t.items() if w.dtype == torch.uint8]:
+        n, k = t[name].shape
+        t[name] = (t[name].to(torch.int16) - 128).to(torch.int8)
+        scale = name[: -len("weight")] + "scale"
+        t[scale] = t[scale][: -(-n // 128)].repeat_interleave(-(-k // 128)).view(-(-n // 128), -(-k // 128))
+
+
+def test_strategy_and_tensors_disagree(converted, vllm_env, monkeypatch, tmp_path):
+    said_block = tmp_path / "said_block"
+    shutil.copytree(converted, said_block)
+    _set_strategy(said_block, "block")
+    with pytest.raises(Dsv4IntLoadError, match=r"layers\.\d+\.\S+\.(weight|scale): expected .*it is a 'channel' "
+                       r"tensor, but config\.json's quantization_config says strategy 'block'"):
+        load(said_block, monkeypatch)
+
+    said_channel = _edit(converted, tmp_path / "said_channel", _to_block)
+    with pytest.raises(Dsv4IntLoadError, match=r"layers\.\d+\.\S+\.(weight|scale): expected .*it is a 'block' "
+                       r"tensor, but config\.json's quantization_config says strategy 'channel'.*model\.safetensors"):
+        load(said_channel, monkeypatch)
+    # The same tensors under a config that says `block` load (the per-layer values are checked above).
+    _set_strategy(said_channel, "block")
+    load(said_channel, monkeypatch)
+
+
+def _set_strategy(path, strategy):
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["quantization_config"]["config_groups"]["linears_w8a16"]["weights"]["strategy"] = strategy
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+class _Config:
+    def __init__(self, quantization_config):
+        self.quantization_config = quantization_config
+        self._name_or_path = "no/such/dir"
+
+
+def _fake_model(quant_method):
+    """A module with one plain parameter and one carrying its own loader, and a stock-like
+    load_weights that looks parameters up by name (KeyError when there is none)."""
+    from vllm.model_executor.model_loader.weight_utils import default_weight_loader
+
+    model = torch.nn.Module()
+    model.config = _Config({"quant_method": quant_method})
+    model.norm = torch.nn.Parameter(torch.zeros(4, dtype=torch.bfloat16), requires_grad=False)
+    model.gate = torch.nn.Parameter(torch.zeros(2, 4, dtype=torch.bfloat16), requires_grad=False)
+    model.gate.weight_loader = default_weight_loader
+
+    def load_weights(self, weights):
+        params = dict(self.named_parameters())
+        for name, tensor in weights:
+            param = params[name]
+            getattr(param, "weight_loader", default_weight_loader)(param, tensor)
+        return set(params)
+
+    return model, load_weights
+
+
+def test_guard_is_stock_for_other_models_and_restores_loaders():
+    from vllm_ampere.quant.load_guard import guarded_load_weights
+
+    model, load_weights = _fake_model("fp8")
+    with pytest.raises(KeyError):
+        guarded_load_weights(load_weights, model, [("extra", torch.zeros(1))])
+    guarded_load_weights(load_weights, model, [("norm", torch.full((4,), 3, dtype=torch.uint8))])
+    assert model.norm.tolist() == [3.0] * 4  # the stock cast, untouched for non-dsv4_int models
+
+    model, load_weights = _fake_model("dsv4_int")
+    gate_loader = model.gate.weight_loader
+    loaded = guarded_load_weights(load_weights, model, [("norm", torch.ones(4, dtype=torch.bfloat16))])
+    assert loaded == {"norm", "gate"}
+    with pytest.raises(Dsv4IntLoadError, match=r"tensor gate: holds int8 \[2, 4\] but gate is unquantized"):
+        guarded_load_weights(load_weights, model,
+                             [("norm", torch.ones(4)), ("gate", torch.ones(2, 4, dtype=torch.int8))])
+    with pytest.raises(Dsv4IntLoadError, match=r"unexpected checkpoint tensor extra: .*looked up 'extra'"):
+        guarded_load_weights(load_weights, model, [("extra", torch.zeros(1))])
+    # Each parameter's own loader (or its absence) is back after every load, failed or not.
+    assert model.gate.weight_loader is gate_loader and not hasattr(model.norm, "weight_loader")

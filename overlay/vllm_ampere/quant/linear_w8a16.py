@@ -27,8 +27,8 @@ from vllm.model_executor.parameter import (BlockQuantScaleParameter, ChannelQuan
 
 from vllm_ampere.flags import KernelPaths, LinearPath
 from vllm_ampere.quant import reference
-from vllm_ampere.quant.loading import (LoadTracker, check_tensor, checkpoint_name, loads_from_checkpoint,
-                                       wrap_loader)
+from vllm_ampere.quant.loading import (Dsv4IntLoadError, LoadTracker, check_tensor, checkpoint_name,
+                                       loads_from_checkpoint, wrap_loader)
 
 logger = init_logger(__name__)
 
@@ -37,6 +37,17 @@ BLOCK = reference.INT8_BLOCK
 
 def _cdiv(a: int, b: int) -> int:
     return -(-a // b)
+
+
+def _spec_tensor(strategy: str, leaf: str, n: int, k: int) -> tuple[tuple[torch.dtype, ...], tuple[int, ...], str]:
+    """(dtypes, full shape, description) of a linear's `weight` or `scale` (SPEC section 2)."""
+    if leaf == "weight":
+        if strategy == "channel":
+            return (torch.uint8,), (n, k), "INT8 channel weight, q + 128"
+        return (torch.int8,), (n, k), "INT8 block weight, q"
+    if strategy == "channel":
+        return (torch.bfloat16,), (n,), "one scale per output row"
+    return (torch.bfloat16,), (_cdiv(n, BLOCK), _cdiv(k, BLOCK)), "one scale per 128x128 block"
 
 
 @register_weight_loader_v2_supported_method  # our parameters are vLLM Parameter classes
@@ -88,15 +99,16 @@ class Dsv4Int8LinearMethod(LinearMethodBase):
         n = layer.output_sizes[shard] if shard is not None else layer.output_size
         k = layer.input_size
         name = checkpoint_name(self.prefix, shard, leaf)
-        if leaf == "weight":
-            if self.strategy == "channel":
-                check_tensor(name, tensor, (torch.uint8,), (n, k), "INT8 channel weight, q + 128")
-            else:
-                check_tensor(name, tensor, (torch.int8,), (n, k), "INT8 block weight, q")
-        elif self.strategy == "channel":
-            check_tensor(name, tensor, (torch.bfloat16,), (n,), "one scale per output row")
-        else:
-            check_tensor(name, tensor, (torch.bfloat16,), (_cdiv(n, BLOCK), _cdiv(k, BLOCK)), "one scale per 128x128 block")
+        try:
+            check_tensor(name, tensor, *_spec_tensor(self.strategy, leaf, n, k))
+        except Dsv4IntLoadError as e:
+            other = "block" if self.strategy == "channel" else "channel"
+            dtype, shape, _ = _spec_tensor(other, leaf, n, k)
+            if tensor.dtype in dtype and tuple(tensor.shape) == shape:
+                raise Dsv4IntLoadError(
+                    f"{e}: it is a {other!r} tensor, but config.json's quantization_config says "
+                    f"strategy {self.strategy!r} (config_groups.linears_w8a16.weights.strategy)") from None
+            raise
         return tensor, (leaf, shard)
 
     def dequantize(self, layer: torch.nn.Module, dtype: torch.dtype = torch.float32) -> torch.Tensor:

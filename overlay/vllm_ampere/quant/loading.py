@@ -102,4 +102,10 @@ def wrap_loader(param: torch.nn.Parameter, inner: Callable, tracker: LoadTracker
             tracker.record(key)
         return result
 
+    checked_weight_loader.dsv4_int_checked = True
     param.weight_loader = checked_weight_loader
+
+
+def is_checked_loader(loader: Callable | None) -> bool:
+    """Whether `loader` is a dsv4_int parameter's checked loader (made by wrap_loader)."""
+    return getattr(loader, "dsv4_int_checked", False)
