@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 STAMP := .venv/.installed
 
-.PHONY: install demo bench test test-gpu doctor patches-doc docker
+.PHONY: install demo bench ext test test-gpu doctor patches-doc docker
 
 install: $(STAMP)
 
@@ -37,6 +37,10 @@ bench: $(STAMP)
 # Everything; tests/gpu skip with their reason where there is no sm80+ GPU.
 test: $(STAMP)
 	$(PY) -m pytest tests -ra
+
+# Rebuild the CUDA extensions in place (CUDA torch + nvcc; arch list from pins.py).
+ext: $(STAMP)
+	$(PY) -m pip install --no-build-isolation --no-deps -e .
 
 # GPU tests (need an sm80+ GPU and the built extensions): `make test-gpu`.
 test-gpu: $(STAMP)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib
 import json
 from pathlib import Path
 
@@ -11,14 +10,6 @@ HELP = "report the vLLM pin, patches, compiled extensions, GPU and the kernel pa
 
 def add_arguments(parser) -> None:
     parser.add_argument("--model", type=Path, help="a dsv4_int checkpoint folder: read its IMMA flag")
-
-
-def _extension(name: str) -> tuple[bool, str]:
-    try:
-        importlib.import_module(name)
-        return True, "built"
-    except ImportError as e:
-        return False, f"not built ({e})"
 
 
 def run(args) -> int:
@@ -54,10 +45,12 @@ def run(args) -> int:
     if not patches:
         print("  (none in this release)")
 
-    have_c, c_state = _extension("vllm_ampere._C")
-    have_mla, mla_state = _extension("vllm_ampere._flashmla_C")
-    print(f"extension vllm_ampere._C (W8A16 GEMM): {c_state}")
-    print(f"extension vllm_ampere._flashmla_C (sparse MLA): {mla_state}")
+    from vllm_ampere.ops import extension_error
+
+    c_error, mla_error = extension_error("_C"), extension_error("_flashmla_C")
+    have_c, have_mla = c_error is None, mla_error is None
+    print(f"extension vllm_ampere._C (W8A16 GEMM): {c_error or 'built'}")
+    print(f"extension vllm_ampere._flashmla_C (sparse MLA): {mla_error or 'built'}")
 
     capability = None
     if torch.cuda.is_available():
