@@ -96,12 +96,12 @@ def guarded_load_weights(load_weights: Callable, model: torch.nn.Module,
         return load_weights(model, weights)
     cursor = CheckpointCursor(weights, getattr(model.config, "_name_or_path", None))
     # Wrapped only for this call: the parameters' own loaders come back afterwards.
-    saved = {}
+    saved = []
     for name, param in model.named_parameters():
         loader = getattr(param, "weight_loader", None)
         if not param.dtype.is_floating_point or is_checked_loader(loader):
             continue
-        saved[name] = (param, loader)
+        saved.append((param, loader))
         param.weight_loader = _refuse_quantized_bytes(name, param, loader or default_weight_loader, cursor)
     try:
         return load_weights(model, cursor)
@@ -121,7 +121,7 @@ def guarded_load_weights(load_weights: Callable, model: torch.nn.Module,
             raise
         raise Dsv4IntLoadError(f"dsv4_int: unexpected checkpoint tensor {cursor.where()}: {head}") from e
     finally:
-        for param, loader in saved.values():
+        for param, loader in saved:
             if loader is None:
                 del param.weight_loader
             else:
