@@ -1,4 +1,5 @@
-"""Starting and stopping the processes a benchmark owns: `vllm serve` and `vllm bench serve`.
+"""Starting, waiting for and stopping the processes we own: `vllm serve` and `vllm bench serve`
+(the benchmark), the LMCache server (cluster/lmcache.py).
 
 Each is started in a session of its own (so its process-group id is its PID) and stopped by
 that PID: SIGTERM first (vLLM's API server then shuts its engine and workers down itself),
@@ -20,6 +21,7 @@ import time
 import urllib.error
 import urllib.request
 from pathlib import Path
+from typing import Callable
 
 import psutil
 
@@ -43,27 +45,24 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-def tail(path: Path, lines: int = 40, start: int = 0) -> list[str]:
-    """The last `lines` lines of a log, reading from byte `start` on."""
+def _log_lines(path: Path, start: int) -> list[str]:
+    """The lines of a log from byte `start` on; none when the log does not exist (yet)."""
     try:
         with open(path, "rb") as f:
             f.seek(start)
-            return f.read().decode("utf-8", "replace").splitlines()[-lines:]
+            return f.read().decode("utf-8", "replace").splitlines()
     except FileNotFoundError:
         return []
 
 
+def tail(path: Path, lines: int = 40, start: int = 0) -> list[str]:
+    """The last `lines` lines of a log, reading from byte `start` on."""
+    return _log_lines(path, start)[-lines:]
+
+
 def find_oom(path: Path, start: int = 0) -> str | None:
     """The first out-of-memory line of a log from byte `start` on, or None."""
-    try:
-        with open(path, "rb") as f:
-            f.seek(start)
-            for line in f.read().decode("utf-8", "replace").splitlines():
-                if OOM_PATTERN.search(line):
-                    return line.strip()
-    except FileNotFoundError:
-        pass
-    return None
+    return next((line.strip() for line in _log_lines(path, start) if OOM_PATTERN.search(line)), None)
 
 
 def start_owned(cmd: list[str], log_path: Path, env: dict | None = None) -> subprocess.Popen:
@@ -118,12 +117,31 @@ def _signal_group(pgid: int, sig: int) -> None:
         pass
 
 
-def http_ok(url: str, timeout_s: float = 5.0) -> bool:
+def http_get(url: str, timeout_s: float = 5.0) -> tuple[int | None, str]:
+    """(HTTP status, body) of GET `url`; (None, why) when there is no answer at all."""
     try:
         with urllib.request.urlopen(url, timeout=timeout_s) as r:
-            return r.status == 200
-    except (urllib.error.URLError, OSError, ValueError):
-        return False
+            return r.status, r.read().decode("utf-8", "replace")
+    except urllib.error.HTTPError as e:
+        return e.code, e.read().decode("utf-8", "replace")
+    except (OSError, ValueError) as e:  # URLError is an OSError; ValueError: a malformed URL
+        return None, str(e)
+
+
+def http_ok(url: str, timeout_s: float = 5.0) -> bool:
+    return http_get(url, timeout_s)[0] == 200
+
+
+def wait_ready(proc: subprocess.Popen, ready: Callable[[], bool], timeout_s: float,
+               period_s: float = 1.0) -> bool:
+    """Poll `ready()` until it holds (True), or `proc` exits or `timeout_s` passes (False;
+    `proc.poll()` tells which)."""
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            return False
+        time.sleep(period_s)
+    return True
 
 
 class ServerError(RuntimeError):
@@ -157,8 +175,8 @@ class Server:
         if base_url is not None:
             self.base_url = base_url.rstrip("/")
         else:
-            self.base_url = f"http://{host}:{port or free_port(host)}"
-            self._host, self._port = host, port or int(self.base_url.rsplit(":", 1)[1])
+            self._host, self._port = host, port or free_port(host)
+            self.base_url = f"http://{host}:{self._port}"
 
     @property
     def owned(self) -> bool:
@@ -190,17 +208,16 @@ class Server:
         self.starts += 1
         progress(f"started vllm serve (pid {self.proc.pid}), log {self.log_path}")
         t0 = time.monotonic()
-        while not http_ok(f"{self.base_url}/health", timeout_s=2):
+        health = f"{self.base_url}/health"
+        if not wait_ready(self.proc, lambda: http_ok(health, timeout_s=2), self.startup_timeout_s):
             if self.proc.poll() is not None:
                 lines = "\n".join(tail(self.log_path, 30, offset))
                 self.proc = None
                 raise ServerError(f"vllm serve exited while starting; {self.log_path}:\n{lines}")
-            if time.monotonic() - t0 > self.startup_timeout_s:
-                self.stop()
-                raise ServerError(
-                    f"vllm serve not healthy after {self.startup_timeout_s:.0f} s; see {self.log_path}"
-                )
-            time.sleep(1)
+            self.stop()
+            raise ServerError(
+                f"vllm serve not healthy after {self.startup_timeout_s:.0f} s; see {self.log_path}"
+            )
         progress(f"vllm serve healthy at {self.base_url} after {time.monotonic() - t0:.0f} s")
 
     def stop(self) -> None:
