@@ -3,21 +3,14 @@ by the launch's own health check, then stopped. CPU only: the server needs no GP
 
 from __future__ import annotations
 
-import socket
-
+from vllm_ampere.bench.processes import free_port, stop_owned
 from vllm_ampere.cluster import lmcache
 from vllm_ampere.cluster.command import live_checks
 from vllm_ampere.cluster.description import Cluster
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_sidecar_starts_healthy_and_stops(tmp_path):
-    port, http_port = _free_port(), _free_port()
+    port, http_port = free_port(), free_port()
     cluster = Cluster.model_validate({
         "model": "/models/deepseek-v4-int4-int8",
         "context_length": 16384,
@@ -37,7 +30,7 @@ def test_sidecar_starts_healthy_and_stops(tmp_path):
         assert checks["lmcache /healthcheck"][0], checks
         assert not checks["vllm /health"][0]  # no vLLM here: reported, not hidden
     finally:
-        lmcache.stop_server(proc)
+        stop_owned(proc)
     assert proc.returncode is not None
     ok, said = lmcache.healthcheck("127.0.0.1", http_port, timeout=1)
     assert not ok

@@ -7,10 +7,9 @@ import os
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
+from vllm_ampere.bench.processes import http_get
 from vllm_ampere.cluster import lmcache
 from vllm_ampere.cluster.description import Cluster, Node, load_cluster
 from vllm_ampere.cluster.render import LaunchPlan, plan
@@ -57,25 +56,15 @@ def _refuse(p: LaunchPlan) -> int:
     return 1
 
 
-def _http_ok(url: str, timeout: float = 5.0) -> tuple[bool, str]:
-    try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            return r.status == 200, f"HTTP {r.status}"
-    except urllib.error.HTTPError as e:
-        return False, f"HTTP {e.code}"
-    except OSError as e:
-        return False, str(e)
-
-
 def live_checks(cluster: Cluster, node: Node) -> list[tuple[str, bool, str]]:
     """(service, healthy, detail) of what `node` runs."""
     results = []
-    if cluster.lmcache.enabled and lmcache.server_node(cluster) == node:
+    if lmcache.runs_on(cluster, node):
         ok, said = lmcache.healthcheck(node.address, cluster.lmcache.http_port)
         results.append(("lmcache /healthcheck", ok, said))
     if node == cluster.head:
-        ok, said = _http_ok(f"http://{node.address}:{cluster.port}/health")
-        results.append(("vllm /health", ok, said))
+        status, said = http_get(f"http://{node.address}:{cluster.port}/health")
+        results.append(("vllm /health", status == 200, f"HTTP {status}" if status else said))
     else:
         address = f"--address={cluster.head.address}:{cluster.ray_port}"
         r = subprocess.run(["ray", "status", address], capture_output=True, text=True)
@@ -111,7 +100,7 @@ def _launch(p: LaunchPlan, node: Node, gpu_wait_s: float) -> int:
     env = {**os.environ, **p.node_env(node)}
     log_dir = Path(c.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
-    if c.lmcache.enabled and lmcache.server_node(c) == node:
+    if lmcache.runs_on(c, node):
         os.environ.update(p.node_env(node))
         server = lmcache.start_server(c, log_dir / "lmcache.log")
         print(f"cluster: LMCache server pid {server.pid} healthy", flush=True)

@@ -24,12 +24,10 @@ import importlib.util
 import json
 import subprocess
 import sys
-import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
-from vllm_ampere.cluster.description import Cluster
+from vllm_ampere.bench.processes import http_get, start_owned, stop_owned, wait_ready
+from vllm_ampere.cluster.description import Cluster, Node
 
 CONNECTOR = "LMCacheMPConnector"
 
@@ -59,8 +57,13 @@ def validate_topology(cluster: Cluster) -> list[str]:
     return errors
 
 
-def server_node(cluster: Cluster):
+def server_node(cluster: Cluster) -> Node:
     return cluster.node(cluster.lmcache.node) if cluster.lmcache.node else cluster.head
+
+
+def runs_on(cluster: Cluster, node: Node) -> bool:
+    """Whether `node` runs the LMCache server."""
+    return cluster.lmcache.enabled and server_node(cluster) == node
 
 
 def kv_transfer_config(cluster: Cluster) -> dict:
@@ -105,49 +108,34 @@ def lmcache_python() -> str:
 
 def healthcheck(host: str, http_port: int, timeout: float = 2.0) -> tuple[bool, str]:
     """(healthy, what the server said) for GET /healthcheck."""
-    url = f"http://{host}:{http_port}/healthcheck"
+    status, body = http_get(f"http://{host}:{http_port}/healthcheck", timeout)
+    if status != 200:
+        return False, f"HTTP {status}: {body}" if status else body
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as r:
-            body = r.read().decode(errors="replace")
-            return r.status == 200 and json.loads(body).get("status") == "healthy", body
-    except urllib.error.HTTPError as e:
-        return False, f"HTTP {e.code}: {e.read().decode(errors='replace')}"
-    except (OSError, ValueError) as e:
+        return json.loads(body).get("status") == "healthy", body
+    except ValueError as e:
         return False, str(e)
 
 
 def start_server(cluster: Cluster, log_path: Path, python: str | None = None,
                  bind: str | None = None, wait_s: float = 120.0) -> subprocess.Popen:
-    """Start the server, wait until /healthcheck says healthy; raise with its log tail if not."""
+    """Start the server, wait until /healthcheck says healthy; raise with its log tail if not.
+    Stop it with bench.processes.stop_owned (SIGTERM: it shuts its engine down cleanly)."""
     argv = server_argv(cluster, python or lmcache_python(), bind)
     host = bind or server_node(cluster).address
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_path, "ab")
-    proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + wait_s
+    proc = start_owned(argv, log_path)
     said = ""
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            break
+
+    def healthy() -> bool:
+        nonlocal said
         ok, said = healthcheck(host, cluster.lmcache.http_port)
-        if ok:
-            return proc
-        time.sleep(0.5)
-    stop_server(proc)
+        return ok
+
+    if wait_ready(proc, healthy, wait_s, period_s=0.5):
+        return proc
+    stop_owned(proc)
     tail = log_path.read_text(errors="replace")[-3000:]
     raise RuntimeError(
         f"LMCache server not healthy at http://{host}:{cluster.lmcache.http_port}/healthcheck "
         f"(exit code {proc.returncode}, last answer: {said}); log {log_path}:\n{tail}"
     )
-
-
-def stop_server(proc: subprocess.Popen, timeout: float = 30.0) -> None:
-    """SIGTERM (the server shuts its engine down cleanly), SIGKILL if it does not exit."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()

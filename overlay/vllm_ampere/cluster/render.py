@@ -99,7 +99,7 @@ class LaunchPlan:
         lines = [f"# node {node.name} ({node.address}, {node.gpus} GPU)"]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.node_env(node).items()]
         lines.append(shlex.join(self.ray_start_argv(node)))
-        if c.lmcache.enabled and lmcache.server_node(c) == node:
+        if lmcache.runs_on(c, node):
             lines.append(f"{shlex.join(self.lmcache_argv())} > {log / 'lmcache.log'} 2>&1 &")
         if node == c.head:
             lines.append(f"{shlex.join(self.serve_argv())} 2>&1 | tee {log / 'vllm-serve.log'}")
