@@ -12,6 +12,7 @@ from pathlib import Path
 from vllm_ampere.bench.processes import http_get
 from vllm_ampere.cluster import lmcache
 from vllm_ampere.cluster.description import Cluster, Node, load_cluster
+from vllm_ampere.cluster.partition import partition_env
 from vllm_ampere.cluster.render import LaunchPlan, plan
 
 HELP = "render, launch or check a pipeline-parallel deployment from a cluster description"
@@ -38,7 +39,7 @@ def _summary(p: LaunchPlan) -> str:
         f"pipeline: {c.pipeline_parallel_size} stages over {len(c.nodes)} nodes, "
         f"context {c.context_length}, max_num_seqs {c.max_num_seqs}, "
         f"concurrency {c.concurrency}, GPU {c.gpu_memory_bytes() / 1024**3:.1f} GiB",
-        f"VLLM_PP_LAYER_PARTITION={','.join(map(str, p.partition))}",
+        f"VLLM_PP_LAYER_PARTITION={partition_env(p.partition)}",
         "memory per stage (GiB):",
         p.memory_table(),
     ]
@@ -97,17 +98,18 @@ def _exec_logged(argv: list[str], env: dict[str, str], log: Path) -> None:
 
 def _launch(p: LaunchPlan, node: Node, gpu_wait_s: float) -> int:
     c = p.cluster
-    env = {**os.environ, **p.node_env(node)}
+    # This node's environment for all it starts: the LMCache server, `ray start`, this
+    # process's ray.init (waiting for the GPUs) and the process it becomes.
+    os.environ.update(p.node_env(node))
+    env = dict(os.environ)
     log_dir = Path(c.log_dir)
     log_dir.mkdir(parents=True, exist_ok=True)
     if lmcache.runs_on(c, node):
-        os.environ.update(p.node_env(node))
         server = lmcache.start_server(c, log_dir / "lmcache.log")
         print(f"cluster: LMCache server pid {server.pid} healthy", flush=True)
     if node != c.head:  # a worker: join Ray and stay in the foreground
         _exec_logged(p.ray_start_argv(node), env, log_dir / "ray-worker.log")
     subprocess.run(p.ray_start_argv(node), env=env, check=True)
-    os.environ.update(p.node_env(node))
     _wait_for_gpus(c, gpu_wait_s)
     argv = p.serve_argv()
     print("cluster: exec", " ".join(argv[:3]), "...", flush=True)
