@@ -70,6 +70,11 @@ class RowResult:
     metrics: dict | None = None  # what the watchdog saw (stalled rows)
     log_tail: list[str] = field(default_factory=list)  # server log (failed/oom rows)
 
+    @classmethod
+    def failed(cls, row: MatrixRow, reason: str | None = None) -> RowResult:
+        """A row's result until it passes."""
+        return cls(row.context, row.concurrency, row.input_tokens, row.output_tokens, "failed", reason)
+
     def as_dict(self) -> dict:
         return asdict(self)
 
@@ -145,7 +150,7 @@ def run_row(
     bench_args: list[str] = (),
 ) -> RowResult:
     """Run one row to its end; the client is never left running."""
-    res = RowResult(row.context, row.concurrency, row.input_tokens, row.output_tokens, "failed")
+    res = RowResult.failed(row)
     rows_dir = out_dir / "rows"
     rows_dir.mkdir(parents=True, exist_ok=True)
     result_path = rows_dir / f"{row.name}.json"
@@ -222,18 +227,19 @@ def run_row(
     else:
         res.reason = f"vllm bench serve exited with code {client.returncode} and no result JSON"
         res.log_tail = tail(client_log, 20)
-    if server.log_path:
-        res.log_tail = res.log_tail or tail(server.log_path, 40, log_start)
-        oom = find_oom(server.log_path, log_start)
-        if oom:
-            res.result, res.reason = "oom", f"{res.reason}; server log: {oom}"
-    return res
+    return _with_server_log(res, server, log_start)
 
 
 def _finish_dead_server(res: RowResult, server: Server, log_start: int, t0: float) -> RowResult:
     res.seconds = round(time.monotonic() - t0, 1)
+    return _with_server_log(res, server, log_start)
+
+
+def _with_server_log(res: RowResult, server: Server, log_start: int) -> RowResult:
+    """A row that did not pass: the server log's last lines of the row (unless the client's
+    are there already) and `oom` where the log shows an out-of-memory error."""
     if server.log_path:
-        res.log_tail = tail(server.log_path, 40, log_start)
+        res.log_tail = res.log_tail or tail(server.log_path, 40, log_start)
         oom = find_oom(server.log_path, log_start)
         if oom:
             res.result, res.reason = "oom", f"{res.reason}; server log: {oom}"
@@ -264,8 +270,7 @@ def run_matrix(
                 except ServerError as e:
                     start_error = e
             if start_error is not None:
-                res = RowResult(row.context, row.concurrency, row.input_tokens, row.output_tokens, "failed")
-                res.reason = "vllm serve did not start"
+                res = RowResult.failed(row, "vllm serve did not start")
                 res.log_tail = str(start_error).splitlines()[-30:]
                 if find_oom(server.log_path):
                     res.result = "oom"
