@@ -162,7 +162,7 @@ def write_report(results: list[RowResult], out_dir: Path, meta: dict, published:
     published = load_published() if published is None else published
     try:
         plots = plot_report(results, published, out_dir)
-    except ImportError as e:  # matplotlib is optional (the `test` extra brings it)
+    except ImportError as e:  # installed without its dependencies (the image: pip --no-deps)
         plots, meta = [], meta | {"plots": f"not drawn: {e}"}
     data = {
         "meta": meta,
