@@ -3,7 +3,7 @@
 # this package (editable) with its test extras. Used by `make install`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pin() { sed -n "s/^$1 = \"\(.*\)\"/\1/p" overlay/vllm_ampere/pins.py; }
+. tools/pins.sh
 VLLM_VERSION=$(pin VLLM_VERSION)
 TORCH_VERSION=$(pin TORCH_VERSION)
 PYTHON=${PYTHON:-python3}

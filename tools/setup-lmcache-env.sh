@@ -7,7 +7,7 @@
 # Called at the end of tools/setup-env.sh; `vllm-ampere cluster` and the tests find it by path.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-pin() { sed -n "s/^$1 = \"\(.*\)\"/\1/p" overlay/vllm_ampere/pins.py; }
+. tools/pins.sh
 LMCACHE_VERSION=$(pin LMCACHE_VERSION)
 TORCH_VERSION=$(pin TORCH_VERSION)
 PYTHON=${PYTHON:-python3}
