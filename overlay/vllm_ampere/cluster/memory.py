@@ -119,17 +119,24 @@ def indexer_prefill_rows(max_model_len: int) -> int:
     return max_model_len * (576 * 2 // 132) * factor // 4
 
 
+def prefill_gather_bytes(dims: ModelDims, ratio: int, max_model_len: int,
+                         max_num_batched_tokens: int) -> int:
+    """The bf16 K gather of a prefill chunk group (PREFILL_CHUNK_SIZE requests) in a ratio-r
+    layer: its compressed context (none for SWA-only layers), window and new tokens."""
+    compressed = math.ceil(max_model_len / ratio) if ratio > 1 else 0
+    m = compressed + dims.sliding_window + max_num_batched_tokens
+    return PREFILL_CHUNK_SIZE * m * dims.head_dim * BF16
+
+
 def attention_workspace_bytes(dims: ModelDims, layers: range, max_model_len: int,
                               max_num_batched_tokens: int) -> int:
     """The worker's shared attention workspace (the largest simultaneous reservation)."""
     sizes = [0]
     for r in {dims.ratios[layer] for layer in layers}:
-        n = 0 if r <= 1 else math.ceil(max_model_len / r)
-        m = n + dims.sliding_window + max_num_batched_tokens
         top_k = dims.index_topk if r > 1 else 0
         combined = _round_up(top_k + dims.sliding_window, 128)
         sizes.append(
-            PREFILL_CHUNK_SIZE * m * dims.head_dim * BF16
+            prefill_gather_bytes(dims, r, max_model_len, max_num_batched_tokens)
             + max_num_batched_tokens * combined * 4
             + max_num_batched_tokens * 4
         )
@@ -140,14 +147,13 @@ def attention_workspace_bytes(dims: ModelDims, layers: range, max_model_len: int
 
 def attention_transient_bytes(dims: ModelDims, layers: range, max_model_len: int,
                               max_num_batched_tokens: int) -> int:
-    """The largest context-scaled allocation of one attention step, the bf16 K gather of a
-    prefill chunk group (PREFILL_CHUNK_SIZE requests). A kernel or workspace that
-    allocates it beside the profiled reservation needs it free (see module doc)."""
-    if not any(dims.ratios[layer] > 1 for layer in layers):
+    """The largest context-scaled allocation of one attention step, the prefill gather of the
+    most compressed-KV-heavy layer (smallest ratio). A kernel or workspace that allocates it
+    beside the profiled reservation needs it free (see module doc)."""
+    ratios = [dims.ratios[layer] for layer in layers if dims.ratios[layer] > 1]
+    if not ratios:
         return 0
-    r = min(dims.ratios[layer] for layer in layers if dims.ratios[layer] > 1)
-    m = math.ceil(max_model_len / r) + dims.sliding_window + max_num_batched_tokens
-    return PREFILL_CHUNK_SIZE * m * dims.head_dim * BF16
+    return prefill_gather_bytes(dims, min(ratios), max_model_len, max_num_batched_tokens)
 
 
 def step_activation_bytes(dims: ModelDims, tokens: int) -> int:
