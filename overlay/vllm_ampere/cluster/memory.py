@@ -38,6 +38,7 @@ from vllm_ampere.cluster.model import (
     BF16,
     FP32,
     ModelDims,
+    compressor_coff,
     embedding_bytes,
     head_bytes,
     largest_expert_tensor_bytes,
@@ -96,8 +97,7 @@ def sliding_caches(dims: ModelDims, layer: int) -> list[tuple[str, int, int]]:
     r = dims.ratios[layer]
     caches = [("swa", SWA_BLOCK, dims.sliding_window)]
     if r > 1:
-        coff = 2 if r == 4 else 1
-        caches.append(("compressor_state", 4 if r == 4 else 8, coff * r))
+        caches.append(("compressor_state", 4 if r == 4 else 8, compressor_coff(r) * r))
     if r == 4:
         caches.append(("indexer_compressor_state", 4, 2 * r))
     return caches

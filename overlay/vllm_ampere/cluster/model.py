@@ -28,6 +28,12 @@ def int4_linear(n: int, k: int, group: int = 32) -> int:
     return n * k // 2 + BF16 * n * (k // group)
 
 
+def compressor_coff(ratio: int) -> int:
+    """State sets of a ratio-r compressor: 2 where windows overlap (r = 4), else 1
+    (vllm/models/deepseek_v4/compressor.py: coff = 1 + (compress_ratio == 4))."""
+    return 2 if ratio == 4 else 1
+
+
 @dataclass(frozen=True)
 class ModelDims:
     num_hidden_layers: int = 43
@@ -98,7 +104,7 @@ def layer_weight_bytes(dims: ModelDims, layer: int) -> int:
         + FP32 * dims.num_attention_heads  # attn_sink
     )
     if r > 1:  # compressor: fused_wkv_wgate (kept INT8), ape (fp32), norm
-        coff = 2 if r == 4 else 1
+        coff = compressor_coff(r)
         attn += int8_linear(2 * coff * dims.head_dim, h)
         attn += FP32 * r * coff * dims.head_dim + BF16 * dims.head_dim
     if r == 4:  # indexer: wq_b, weights_proj (BF16), its own compressor (head 128, overlap)
