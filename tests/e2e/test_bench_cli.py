@@ -1,7 +1,8 @@
 """`vllm-ampere bench` end to end, the `make demo` path: the tiny DeepSeek-V4-Flash made and
-converted to dsv4_int by our CLI, a real `vllm serve` of it (CPU build, our plugin) started by
-the bench CLI, a small matrix through the real `vllm bench serve`, the server stopped, and a
-report with every column filled and every row `pass`."""
+converted to dsv4_int by our CLI (conftest's tiny_checkpoints, shared with the serve tests), a
+real `vllm serve` of it (CPU build, our plugin) started by the bench CLI, a small matrix through
+the real `vllm bench serve`, the server stopped, and a report with every column filled and every
+row `pass`."""
 
 from __future__ import annotations
 
@@ -28,11 +29,8 @@ SEED_SHAPE = [
 
 
 @pytest.fixture(scope="module")
-def bench_run(tmp_path_factory):
-    root = tmp_path_factory.mktemp("bench_cli")
-    model, out = root / "dsv4_int", root / "out"
-    for args in (["make-tiny", str(root / "native")], ["convert", str(root / "native"), str(model)]):
-        subprocess.run([VLLM_AMPERE, *args], check=True, capture_output=True, timeout=600)
+def bench_run(tiny_checkpoints, tmp_path_factory):
+    model, out = tiny_checkpoints["dsv4_int"], tmp_path_factory.mktemp("bench_cli") / "out"
     cmd = [
         VLLM_AMPERE, "bench",
         "--model", str(model),
