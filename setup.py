@@ -77,7 +77,7 @@ setup(
         if p != ROOT / "overlay/vllm_ampere"
     ],
     package_data={"vllm_ampere": ["**/*.json", "**/*.csv", "**/*.yaml"]},
-    install_requires=["safetensors>=0.4", "tqdm", "pydantic>=2", "numpy", "psutil", "matplotlib"],
+    install_requires=["safetensors>=0.4", "tqdm", "pydantic>=2", "numpy", "psutil", "matplotlib", "pyyaml"],
     extras_require={
         # Exactly one of these; see README "Why extras".
         "cuda": [f"vllm=={PINS['VLLM_VERSION']}"],
