@@ -1,38 +1,5 @@
 """Name the checkpoint tensor when a dsv4_int checkpoint does not fit DeepSeek-V4's CPU model."""
 
-from __future__ import annotations
+from vllm_ampere.patches._load_weights import load_weights_patch
 
-import functools
-
-from vllm_ampere.patching import Patch
-
-
-def _replace(load_weights):
-    @functools.wraps(load_weights)
-    def load_weights_dsv4_int(self, weights):
-        from vllm_ampere.quant.load_guard import guarded_load_weights
-
-        return guarded_load_weights(load_weights, self, weights)
-
-    return load_weights_dsv4_int
-
-
-PATCH = Patch(
-    name="dsv4_int_cpu_load_weights",
-    target="vllm.models.deepseek_v4.cpu.model:DeepseekV4ForCausalLM.load_weights",
-    signature="(self, weights: collections.abc.Iterable[tuple[str, torch.Tensor]]) -> set[str]",
-    why="The CPU DeepSeek-V4 model's loader meets a checkpoint tensor it has no parameter for "
-    "with a bare KeyError naming only the renamed vLLM parameter, and copies INT8/INT4 bytes into "
-    "a BF16/FP32 parameter with a silent cast, "
-    "so a dsv4_int checkpoint that disagrees with the layer classification "
-    "either fails without the checkpoint's name or loads garbage.",
-    how="For models whose quantization_config is dsv4_int, follows which checkpoint tensor is "
-    "being loaded and raises Dsv4IntLoadError naming it and its shard file for a tensor without "
-    "a parameter, for I8/U8 bytes sent to an unquantized parameter and for the stock loaders' "
-    "bare shape asserts (vllm_ampere.quant.load_guard); any other model loads as stock.",
-    vllm_checked="0.32.0",
-    processes=("workers",),
-    remove_when="vLLM's DeepSeek-V4 load_weights reports unknown checkpoint tensors by their "
-    "checkpoint name and its loaders refuse integer bytes for floating-point parameters.",
-    replace=_replace,
-)
+PATCH = load_weights_patch("dsv4_int_cpu_load_weights", "vllm.models.deepseek_v4.cpu.model", "CPU")
