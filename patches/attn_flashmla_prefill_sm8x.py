@@ -2,25 +2,8 @@
 
 from __future__ import annotations
 
-import functools
-
+from vllm_ampere.patches._route_sm8x import route_on_ampere
 from vllm_ampere.patching import Patch
-
-
-def _replace(flash_mla_sparse_fwd):
-    @functools.wraps(flash_mla_sparse_fwd)
-    def flash_mla_sparse_fwd_sm8x(*args, **kwargs):
-        from vllm_ampere.attention.backend import tensor_on_ampere
-
-        q = kwargs["q"] if "q" in kwargs else args[0]
-        if not tensor_on_ampere(q):
-            return flash_mla_sparse_fwd(*args, **kwargs)
-        from vllm_ampere.ops.flashmla import flash_mla_sparse_fwd as ours
-
-        return ours(*args, **kwargs)
-
-    return flash_mla_sparse_fwd_sm8x
-
 
 PATCH = Patch(
     name="attn_flashmla_prefill_sm8x",
@@ -34,5 +17,5 @@ PATCH = Patch(
     vllm_checked="0.32.0",
     processes=("workers",),
     remove_when="vLLM's FlashMLA build includes sm80 sparse prefill.",
-    replace=_replace,
+    replace=route_on_ampere("flash_mla_sparse_fwd"),
 )
