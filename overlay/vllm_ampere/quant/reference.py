@@ -9,8 +9,10 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from vllm_ampere.convert.codecs import FP8_BLOCK, expand_blocks
+
 INT4_GROUP = 32
-INT8_BLOCK = 128
+INT8_BLOCK = FP8_BLOCK  # `block` keeps the native FP8 128x128 blocks (SPEC section 3)
 
 
 def dequant_int4(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -30,7 +32,7 @@ def dequant_int8_channel(weight: torch.Tensor, scale: torch.Tensor, dtype: torch
 def dequant_int8_block(weight: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """INT8 `block`: int8 [N, K] holding q, BF16 [ceil(N/128), ceil(K/128)] block scales."""
     n, k = weight.shape
-    full = scale.to(torch.float32).repeat_interleave(INT8_BLOCK, 0)[:n].repeat_interleave(INT8_BLOCK, 1)[:, :k]
+    full = expand_blocks(scale.to(torch.float32), n, k)
     return (weight.view(torch.int8).to(torch.float32) * full).to(dtype)
 
 
