@@ -31,9 +31,14 @@ constexpr int kTokensPerTile = 8;                // mma N dimension: tokens per 
 constexpr int kWarps = 4;                    // warps per CTA, one 16-row strip each
 constexpr int kThreads = kWarps * 32;        // 128
 constexpr int kBlockRows = kWarps * kStripRows;  // 64 output features per CTA (one split-K lock)
-// k-tiles per weight chunk; two chunks are in registers (double buffer): up to 8 KiB in flight
-// per warp.
-constexpr int kUnroll = 8;
+// Weight loads go through a register ring of kStages stages of kStageTiles k-tiles (16 registers
+// per stage, 64 in all): while one stage is dequantized and multiplied, the other three (6 KiB
+// per warp, 96 KiB per SM at 4 CTAs) are in flight, and a stage is refilled as soon as it is
+// used, so each warp keeps DRAM busy instead of waiting one round trip per chunk.
+constexpr int kStages = 4;
+constexpr int kStageTiles = 4;
+// Split-K never cuts K into pieces shorter than this many k-tiles (4 KiB per warp).
+constexpr int kMinSplitTiles = 8;
 
 // Split-K: aim for this many CTAs per SM so that enough bytes are in flight to cover DRAM latency.
 constexpr int kTargetCtasPerSm = 4;

@@ -35,12 +35,12 @@ void plan_split_k(GemmParams& p, int num_sms, int split_k_override) {
   int split = 1;
   // Split K only when the row blocks alone leave the GPU short of kTargetCtasPerSm CTAs per SM,
   // only when one token block covers M (the locks are per row block), and never into pieces
-  // shorter than one unrolled chunk.
+  // shorter than kMinSplitTiles.
   if (token_blocks == 1) {
     split = split_k_override > 0 ? split_k_override : num_sms * kTargetCtasPerSm / row_blocks;
-    split = std::max(1, std::min(split, ceil_div(p.k_tiles, kUnroll)));
+    split = std::max(1, std::min(split, ceil_div(p.k_tiles, kMinSplitTiles)));
   }
-  p.tiles_per_split = ceil_div(ceil_div(p.k_tiles, split), kUnroll) * kUnroll;
+  p.tiles_per_split = ceil_div(ceil_div(p.k_tiles, split), kMinSplitTiles) * kMinSplitTiles;
   p.split_k = ceil_div(p.k_tiles, p.tiles_per_split);  // no empty split
 }
 

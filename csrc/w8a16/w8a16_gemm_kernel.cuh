@@ -15,20 +15,46 @@ __device__ __forceinline__ float bf16_bits_to_float(uint16_t bits) {
   return __uint_as_float(static_cast<uint32_t>(bits) << 16);
 }
 
-// Step 1a: issue the 16-byte weight loads of up to kUnroll k-tiles from kt (those < kt_end).
-__device__ __forceinline__ void load_chunk(const uint8_t* w, int kt, int kt_end, uint4 (&buf)[kUnroll]) {
+// Step 1a: issue the 16-byte weight loads of one ring stage, the k-tiles from kt (those < kt_end).
+__device__ __forceinline__ void load_stage(const uint8_t* w, int kt, int kt_end,
+                                           uint4 (&stage)[kStageTiles]) {
 #pragma unroll
-  for (int u = 0; u < kUnroll; ++u)
-    if (kt + u < kt_end) buf[u] = ld_stream(w + u * kTileBytes);
+  for (int u = 0; u < kStageTiles; ++u)
+    if (kt + u < kt_end) stage[u] = ld_stream(w + u * kTileBytes);
 }
 
-// Step 1b: one warp streams its 16-row strip over k-tiles [kt_begin, kt_end) and accumulates
-// 16 rows x 8*MT tokens. Weight chunks are double-buffered in registers: the loads of chunk
-// i+1 are in flight while chunk i is dequantized and multiplied, so a warp never waits a full
-// DRAM round trip per chunk.
+// Step 1b: dequantize the stage's k-tiles from kt (those < kt_end) and multiply them with the
+// activations of the warp's 8*MT tokens.
+template <typename T, int MT>
+__device__ __forceinline__ void mma_stage(const GemmParams& p, const uint4 (&stage)[kStageTiles],
+                                          int kt, int kt_end, int t, const T* const (&a_row)[MT],
+                                          const bool (&a_valid)[MT], FragC (&acc)[MT]) {
+#pragma unroll
+  for (int u = 0; u < kStageTiles; ++u) {
+    if (kt + u >= kt_end) break;
+    const int k0 = (kt + u) * kTileK;  // first k of this tile; this lane's k is k0 + 8t
+    FragA step0, step1;
+    dequant_tile<T>(stage[u], step0, step1);
+#pragma unroll
+    for (int j = 0; j < MT; ++j) {
+      // K padding (k >= K) and absent tokens contribute zeros.
+      uint4 x = make_uint4(0, 0, 0, 0);
+      if (a_valid[j] && k0 + 8 * t < p.k) x = ld_act(a_row[j] + k0);
+      MmaType<T>::mma(acc[j], step0, FragB{{x.x, x.y}});
+      MmaType<T>::mma(acc[j], step1, FragB{{x.z, x.w}});
+    }
+  }
+}
+
+// Step 1c: one warp streams its 16-row strip over k-tiles [kt_begin, kt_end) and accumulates
+// 16 rows x 8*MT tokens through the register ring (w8a16_config.h): use stage s, then refill it
+// with the tiles kStages stages ahead. The stage loop is unrolled so that every stage lives in
+// fixed registers; the first design rotated two buffers by assignment, which nvcc compiled to
+// register copies that wait for the loads, leaving one chunk in flight per warp (seen in SASS).
 template <typename T, int MT>
 __device__ __forceinline__ void stream_strip(const GemmParams& p, int strip, int kt_begin,
                                              int kt_end, int m_base, int lane, FragC (&acc)[MT]) {
+  constexpr int kRingTiles = kStages * kStageTiles;
   const int g = lane / 4, t = lane % 4;
   // [k_tiles, 32 lanes, 16 B] of this strip, from kt_begin, at this lane.
   const uint8_t* w = p.w + (static_cast<size_t>(strip) * p.k_tiles + kt_begin) * kTileBytes + lane * 16;
@@ -42,28 +68,19 @@ __device__ __forceinline__ void stream_strip(const GemmParams& p, int strip, int
     a_row[j] = static_cast<const T*>(p.a) + static_cast<size_t>(a_valid[j] ? token : 0) * p.k + 8 * t;
   }
 
-  uint4 cur[kUnroll], next[kUnroll];
-  load_chunk(w, kt_begin, kt_end, cur);
-  for (int kt = kt_begin; kt < kt_end; kt += kUnroll) {
-    w += kUnroll * kTileBytes;
-    load_chunk(w, kt + kUnroll, kt_end, next);
+  uint4 ring[kStages][kStageTiles];
 #pragma unroll
-    for (int u = 0; u < kUnroll; ++u) {
-      if (kt + u >= kt_end) break;
-      const int k0 = (kt + u) * kTileK;  // first k of this tile; this lane's k is k0 + 8t
-      FragA step0, step1;
-      dequant_tile<T>(cur[u], step0, step1);
+  for (int s = 0; s < kStages; ++s)
+    load_stage(w + s * kStageTiles * kTileBytes, kt_begin + s * kStageTiles, kt_end, ring[s]);
+  for (int kt = kt_begin; kt < kt_end; kt += kRingTiles) {
 #pragma unroll
-      for (int j = 0; j < MT; ++j) {
-        // K padding (k >= K) and absent tokens contribute zeros.
-        uint4 x = make_uint4(0, 0, 0, 0);
-        if (a_valid[j] && k0 + 8 * t < p.k) x = ld_act(a_row[j] + k0);
-        MmaType<T>::mma(acc[j], step0, FragB{{x.x, x.y}});
-        MmaType<T>::mma(acc[j], step1, FragB{{x.z, x.w}});
-      }
+    for (int s = 0; s < kStages; ++s) {
+      const int kt_s = kt + s * kStageTiles;
+      if (kt_s >= kt_end) break;
+      mma_stage<T, MT>(p, ring[s], kt_s, kt_end, t, a_row, a_valid, acc);
+      load_stage(w + (s + kStages) * kStageTiles * kTileBytes, kt_s + kRingTiles, kt_end, ring[s]);
     }
-#pragma unroll
-    for (int u = 0; u < kUnroll; ++u) cur[u] = next[u];
+    w += kRingTiles * kTileBytes;
   }
 }
 

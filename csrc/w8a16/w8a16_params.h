@@ -19,7 +19,7 @@ struct GemmParams {
   int m, n, k;             // problem size; n % 16 == 0, k % 16 == 0
   int k_tiles;             // Kp / 32
   int split_k;             // CTAs along K; > 1 only when M fits one token tile (gridDim.z == 1)
-  int tiles_per_split;     // k-tiles per split, a multiple of kUnroll
+  int tiles_per_split;     // k-tiles per split, a multiple of kMinSplitTiles
   DType dtype;
 };
 
@@ -38,7 +38,7 @@ struct DequantParams {
 };
 
 // Fills split_k and tiles_per_split (call before sizing `partial`); split_k_override > 0 asks
-// for that many splits (tuning, tests), still capped at one unrolled chunk of k per split.
+// for that many splits (tuning, tests), still capped at kMinSplitTiles k-tiles per split.
 void plan_split_k(GemmParams& p, int num_sms, int split_k_override);
 // Launches the fused kernel for a planned GemmParams; returns the launch error.
 cudaError_t gemm(const GemmParams& p, cudaStream_t stream);
