@@ -237,6 +237,21 @@ def test_wrongly_shaped_unquantized_tensor_is_named(converted, vllm_env, monkeyp
         load(bad, monkeypatch)
 
 
+@pytest.mark.parametrize("name, param", [
+    ("layers.0.attn_norm.weight", "model.layers.0.attn_norm.weight"),
+    ("layers.1.attn.attn_sink", "model.layers.1.attn.attn_sink"),
+    ("layers.0.ffn.gate.tid2eid", "model.layers.0.ffn.gate.tid2eid"),  # int32 hash routing table
+    ("embed.weight", "model.embed_tokens.weight"),
+])
+def test_missing_unquantized_tensor_is_refused(converted, vllm_env, monkeypatch, tmp_path, name, param):
+    """Stock vLLM skips its not-loaded check for quantized models: the parameter would keep
+    uninitialized memory and the model would serve garbage."""
+    bad = _edit(converted, tmp_path / "missing", lambda t: t.pop(name))
+    with pytest.raises(Dsv4IntLoadError, match=re.escape(str(bad)) + r" has no tensor for 1 parameter\(s\) of the "
+                       r"DeepSeek-V4 model, which would keep uninitialized memory: " + re.escape(param) + "$"):
+        load(bad, monkeypatch)
+
+
 def _to_block(t):
     """Re-shape every INT8 linear tensor as strategy `block` would (I8 weight, 128x128 scales)."""
     for name in [n for n, w in t.items() if w.dtype == torch.uint8]:

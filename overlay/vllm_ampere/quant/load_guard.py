@@ -6,7 +6,8 @@ all: a tensor the model has no parameter for (vLLM's `params_dict[name]` KeyErro
 the renamed vLLM parameter) and INT8/INT4 bytes reaching a layer that SPEC section 4 keeps
 BF16/FP32 (the stock loaders' `copy_` casts them silently). `guarded_load_weights` follows
 which checkpoint tensor is being loaded and turns both into Dsv4IntLoadError naming it and its
-shard file.
+shard file. After loading, a BF16/FP32 parameter that no tensor reached is refused by name
+(stock vLLM checks that only for unquantized models).
 """
 
 from __future__ import annotations
@@ -44,6 +45,9 @@ class CheckpointCursor:
         for name, tensor in self._weights:
             self.name = name
             yield name, tensor
+
+    def checkpoint(self) -> str | None:
+        return self._model_dir
 
     def shard(self) -> str | None:
         return shard_file(self._model_dir, self.name) if self.name else None
@@ -104,7 +108,7 @@ def guarded_load_weights(load_weights: Callable, model: torch.nn.Module,
         saved.append((param, loader))
         param.weight_loader = _refuse_quantized_bytes(name, param, loader or default_weight_loader, cursor)
     try:
-        return load_weights(model, cursor)
+        loaded = load_weights(model, cursor)
     except Dsv4IntLoadError as e:  # a dsv4_int parameter's check: it names the tensor, add its file
         shard = cursor.shard()
         if shard is None or shard in str(e):
@@ -126,3 +130,26 @@ def guarded_load_weights(load_weights: Callable, model: torch.nn.Module,
                 del param.weight_loader
             else:
                 param.weight_loader = loader
+    _refuse_unloaded(model, loaded, cursor)
+    return loaded
+
+
+def _refuse_unloaded(model: torch.nn.Module, loaded: set[str] | None, cursor: CheckpointCursor) -> None:
+    """A BF16/FP32 parameter no checkpoint tensor reached would serve uninitialized memory.
+
+    Stock vLLM 0.32.0 runs this check (DefaultModelLoader.track_weights_loading) only for
+    unquantized models. Exempt, as there: empty placeholders. The dsv4_int layers' parameters are
+    left to their trackers (loading.py), which name the missing checkpoint tensor itself.
+    """
+    if loaded is None:  # a loader that does not report what it loaded: nothing to compare
+        return
+    tracked = {f"{name}.{p}" if name else p for name, m in model.named_modules()
+               if hasattr(m, "dsv4_tracker") for p, _ in m.named_parameters(recurse=False)}
+    missing = sorted(name for name, param in model.named_parameters()
+                     if name not in loaded and name not in tracked and param.numel() > 0)
+    if missing:
+        where = cursor.checkpoint() or "the checkpoint"
+        raise Dsv4IntLoadError(
+            f"dsv4_int: {where} has no tensor for {len(missing)} parameter(s) of the DeepSeek-V4 "
+            f"model, which would keep uninitialized memory: {', '.join(missing[:8])}"
+            + (f" and {len(missing) - 8} more" if len(missing) > 8 else ""))
