@@ -17,66 +17,16 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
+import sys
 
 import torch
 
+from gpu_timing import copy_bandwidth, graph_s, read_bandwidth
 from vllm_ampere.ops import w8a16
 from vllm_ampere.ops.w8a16 import DSV4_FLASH_SHAPES
 
 MS = (1, 2, 4, 8, 16, 32, 64, 512, 2048)
 ROTATE_BYTES = 512 << 20  # weight copies per shape: at least this much, >> the 50-60 MB L2s
-
-
-def time_graph(calls, replays=10) -> float:
-    """Median seconds per call of a CUDA graph holding `calls` (callables)."""
-    stream = torch.cuda.Stream()
-    with torch.cuda.stream(stream):
-        for c in calls[:2]:
-            c()  # warm-up: lazy init, PTX JIT, cuBLAS handles
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for c in calls:
-            c()
-    graph.replay()
-    torch.cuda.synchronize()
-    times = []
-    for _ in range(replays):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3 / len(calls))
-    return statistics.median(times)
-
-
-def time_eager(fn, reps=20) -> float:
-    """Median seconds of fn() by CUDA events, after a warm-up that also lifts the clocks."""
-    for _ in range(5):
-        fn()
-    times = []
-    for _ in range(reps):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        fn()
-        end.record()
-        end.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
-    return statistics.median(times)
-
-
-def ceilings() -> tuple[float, float]:
-    """(copy, read) bandwidth in bytes/s: a 2 GiB device-to-device copy counting bytes read +
-    written, and a 2 GiB sum counting bytes read. Eager launches: a copy captured in a graph
-    becomes a copy-engine node, which the first run here measured at about 2.7 TB/s."""
-    src = torch.empty(1 << 31, dtype=torch.uint8, device="cuda").random_()
-    dst = torch.empty_like(src)
-    copy = 2 * src.numel() / time_eager(lambda: dst.copy_(src))
-    words = src.view(torch.int64)
-    read = src.numel() / time_eager(lambda: words.sum())
-    return copy, read
 
 
 def marlin_runner():
@@ -112,14 +62,14 @@ def bench_shape(name, n, k, ms, marlin, bw):
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
         paths = {}
         for path in ("auto", "fused", "dequant"):
-            paths[path] = time_graph([lambda p=p, s=s: w8a16.gemm(a, p, s, path=path) for p, s in zip(packed, scales)])
+            paths[path] = graph_s([lambda p=p, s=s: w8a16.gemm(a, p, s, path=path) for p, s in zip(packed, scales)])
         ours = paths["auto"]
-        deq = time_graph(
+        deq = graph_s(
             [lambda w=w, s=s: a @ ((w.to(torch.bfloat16) - 128) * s[:, None]).T for w, s in zip(ws, scales)]
         )
         # cuBLAS alone: fewer copies (2 bytes per weight); still past the L2.
         wb = [((w.to(torch.bfloat16) - 128) * s[:, None]) for w, s in zip(ws[: max(2, copies // 2)], scales)]
-        cublas = time_graph([lambda w=w: a @ w.T for w in wb])
+        cublas = graph_s([lambda w=w: a @ w.T for w in wb])
         del wb
         row = dict(shape=name, n=n, k=k, m=m, ours_us=ours * 1e6, fused_us=paths["fused"] * 1e6,
                    ours_dequant_us=paths["dequant"] * 1e6,
@@ -129,7 +79,7 @@ def bench_shape(name, n, k, ms, marlin, bw):
         if marlin:
             try:
                 runners = [marlin(w, s) for w, s in zip(ws[:copies], scales)]
-                row["marlin_us"] = time_graph([lambda r=r: r(a) for r in runners]) * 1e6
+                row["marlin_us"] = graph_s([lambda r=r: r(a) for r in runners]) * 1e6
             except Exception as e:
                 row["marlin_us"] = None
                 row["marlin_error"] = f"{type(e).__name__}: {e}"
@@ -153,7 +103,7 @@ def sweep_split_k(n, k, m, bw):
     a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
     out = {}
     for split in (0, 1, 2, 4, 8, 16, 32):
-        t = time_graph([lambda p=p: w8a16.gemm(a, p, scale, path="fused", split_k=split) for p in packed])
+        t = graph_s([lambda p=p: w8a16.gemm(a, p, scale, path="fused", split_k=split) for p in packed])
         out["auto" if split == 0 else str(split)] = round(n * k / t / bw[0] * 100, 1)
     print(f"split-K sweep N={n} K={k} M={m}: % of copy bw {out}", flush=True)
     return dict(n=n, k=k, m=m, pct_copy_bw=out)
@@ -164,9 +114,12 @@ def main():
     parser.add_argument("--json", help="write the rows here")
     parser.add_argument("--quick", action="store_true", help="M in 1, 16, 2048 only")
     args = parser.parse_args()
+    if not torch.cuda.is_available() or not w8a16.extension_available():
+        print("needs a CUDA GPU and the built vllm_ampere._C", file=sys.stderr)
+        return 2
     os.environ.setdefault(w8a16.FORCE_ENV, "1")  # newer GPUs run the sm_80 PTX
     props = torch.cuda.get_device_properties(0)
-    bw = ceilings()
+    bw = copy_bandwidth(), read_bandwidth()
     print(f"{props.name} ({props.multi_processor_count} SMs, sm_{props.major}{props.minor}), copy "
           f"bandwidth {bw[0] / 1e9:.0f} GB/s (read + write), read bandwidth {bw[1] / 1e9:.0f} GB/s")  # fmt: skip
     marlin, marlin_note = marlin_runner()
@@ -192,4 +145,4 @@ def print_table(rows):
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
