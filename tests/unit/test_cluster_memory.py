@@ -140,3 +140,29 @@ def test_page_sizes_match_vllm_specs():
     state = SlidingWindowMLASpec(block_size=4, num_kv_heads=1, max_tp_shards=1, head_size=2048,
                                  dtype=torch.float32, sliding_window=8, alignment=576)
     assert state.page_size_bytes <= memory.common_page_bytes()  # padded up to it by vLLM
+
+
+def test_layer_bytes_are_the_converted_checkpoints(tmp_path):
+    """The sizes the fit check uses are those our converter writes: tiny native -> dsv4_int,
+    per layer, embedding and head (the hash table is int64 on disk, int32 in vLLM's layer)."""
+    import json
+    from collections import Counter
+
+    from safetensors import safe_open
+
+    from vllm_ampere.convert import ConvertOptions, convert, make_tiny
+
+    make_tiny(tmp_path / "native")
+    convert(tmp_path / "native", tmp_path / "int", ConvertOptions(progress=False))
+    dims = ModelDims.from_config(json.loads((tmp_path / "int" / "config.json").read_text()))
+    held = Counter()
+    for shard in sorted((tmp_path / "int").glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            for name in f.keys():
+                t = f.get_tensor(name)
+                part = name.split(".")[1] if name.startswith("layers.") else name.split(".")[0]
+                held[part] += t.numel() * (4 if name.endswith("tid2eid") else t.element_size())
+    for layer in range(dims.num_hidden_layers):
+        assert held[str(layer)] == layer_weight_bytes(dims, layer), f"layer {layer} (ratio {dims.ratios[layer]})"
+    assert held["embed"] == embedding_bytes(dims)
+    assert sum(held[k] for k in ("head", "norm", "hc_head_fn", "hc_head_base", "hc_head_scale")) == head_bytes(dims)

@@ -5,7 +5,8 @@ The dimensions are those of the published DeepSeek-V4-Flash `config.json` (43 la
 follows the pinned vLLM's model (vllm/models/deepseek_v4/{attention,compressor}.py,
 nvidia/model.py): what a stage holds is what vLLM allocates for its layers, in the dtypes the
 dsv4_int format stores (SPEC-dsv4_int.md section 2): routed experts INT4 + BF16 group scales
-(group 32), the other FP8 weights INT8 + one BF16 scale per output row, the rest unchanged.
+(group 32), the other FP8 weights INT8 + one BF16 scale per output row, the rest unchanged
+(the compressors' projections among them: BF16 in the checkpoint, built unquantized by vLLM).
 """
 
 from __future__ import annotations
@@ -103,15 +104,15 @@ def layer_weight_bytes(dims: ModelDims, layer: int) -> int:
         + BF16 * (dims.q_lora_rank + dims.head_dim)  # q_norm, kv_norm
         + FP32 * dims.num_attention_heads  # attn_sink
     )
-    if r > 1:  # compressor: fused_wkv_wgate (kept INT8), ape (fp32), norm
+    if r > 1:  # compressor: fused_wkv_wgate (BF16: vLLM builds it unquantized), ape (fp32), norm
         coff = compressor_coff(r)
-        attn += int8_linear(2 * coff * dims.head_dim, h)
+        attn += BF16 * 2 * coff * dims.head_dim * h
         attn += FP32 * r * coff * dims.head_dim + BF16 * dims.head_dim
-    if r == 4:  # indexer: wq_b, weights_proj (BF16), its own compressor (head 128, overlap)
+    if r == 4:  # indexer: wq_b, weights_proj (BF16), its own compressor (head 128, overlap, BF16)
         ih = dims.index_head_dim
         attn += int8_linear(dims.index_n_heads * ih, dims.q_lora_rank)
         attn += BF16 * dims.index_n_heads * h
-        attn += int8_linear(2 * 2 * ih, h) + FP32 * r * 2 * ih + BF16 * ih
+        attn += BF16 * 2 * 2 * ih * h + FP32 * r * 2 * ih + BF16 * ih
     inter = dims.moe_intermediate_size
     experts = dims.n_routed_experts * (2 * int4_linear(inter, h) + int4_linear(h, inter))
     shared_inter = inter * dims.n_shared_experts
