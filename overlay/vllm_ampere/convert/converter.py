@@ -10,6 +10,7 @@ last, so a directory without it is visibly incomplete.
 
 from __future__ import annotations
 
+from collections import Counter
 import contextlib
 import hashlib
 import json
@@ -204,7 +205,10 @@ def convert_shard(job: _Job, bar=None) -> dict:
     out_path = Path(job.dst) / job.file
     writer = ShardWriter(out_path, specs)
     stats: quality.Stats = {}
+    # A weight and its scale are written apart (sorted order); the quantized pair waits in
+    # `pending` until both are out, then goes, so memory holds one tensor's result, not a shard's.
     pending: dict[str, tuple] = {}
+    uses = Counter(layout[n].weight_name for n in writer.order if layout[n].kind != "keep")
     try:
         for name in writer.order:
             t = layout[name]
@@ -221,6 +225,9 @@ def convert_shard(job: _Job, bar=None) -> dict:
                     quality.add(stats, tensor_class(name), **stat)
                 else:
                     writer.write(name, scale)
+                uses[wname] -= 1
+                if not uses[wname]:
+                    del pending[wname]
             if bar is not None:
                 bar.update(reader.tensors[name].nbytes)
                 bar.set_postfix_str(f"{job.file} {writer.next}/{len(writer.order)} tensors", refresh=False)
