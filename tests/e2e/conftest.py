@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -17,6 +19,32 @@ def run_cli(*args: str, timeout_s: float = 600) -> str:
     if proc.returncode:
         pytest.fail(f"vllm-ampere {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc.stdout
+
+
+# Small KV cache (GiB) and two OpenMP threads: the CI machine has 2 cores and shared memory.
+CPU_SERVE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"}
+
+
+def run_bench(model: Path, out: Path, serve_args: str, contexts: str, *extra: str, env: dict | None = None,
+              timeout_s: float = 600) -> subprocess.CompletedProcess:
+    """`vllm-ampere bench` of `model` at C = 1, 2 and 16 output tokens, starting its own server."""
+    cmd = [*VLLM_AMPERE, "bench", "--model", str(model), "--serve-args", serve_args, "--contexts", contexts,
+           "--concurrency", "1,2", "--output-len", "16", "--out", str(out), *extra]  # fmt: skip
+    return subprocess.run(cmd, env=os.environ | CPU_SERVE_ENV | (env or {}), capture_output=True, text=True,
+                          timeout=timeout_s)
+
+
+def assert_rows_pass(rows: list[dict], expected: list[tuple[str, int]]) -> None:
+    """Every row `pass` with all its requests back, the asked prompt length and 16 tokens each."""
+    assert [(r["context"], r["concurrency"]) for r in rows] == expected
+    for r in rows:
+        assert r["result"] == "pass", r
+        assert r["completed"] == r["concurrency"] and r["failed_requests"] == 0, r
+        # vLLM's client re-aligns prompts to the server's tokenizer: within a token or two.
+        assert abs(r["measured_input_tokens"] - r["input_tokens"]) <= 2, r
+        saved = json.loads(Path(r["result_json"]).read_text())
+        assert saved["num_prompts"] == saved["max_concurrency"] == r["concurrency"]
+        assert saved["output_lens"] == [16] * r["concurrency"], r
 
 
 @pytest.fixture(scope="session")

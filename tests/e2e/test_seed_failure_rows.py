@@ -13,13 +13,11 @@ were on CUDA with PP=10; those need a GPU cluster (`vllm-ampere bench` there).
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
-VLLM_AMPERE = str(Path(sys.executable).parent / "vllm-ampere")
+from conftest import assert_rows_pass, run_bench
+
 MAX_POSITIONS = 65536  # the tiny config's 4096 is only a default; its RoPE works at any length
 
 
@@ -35,22 +33,8 @@ def long_context_copy(model: Path, dst: Path) -> Path:
 def test_seed_failure_rows_pass(tiny_checkpoints, tmp_path):
     model = long_context_copy(tiny_checkpoints["dsv4_int"], tmp_path / "model")
     out = tmp_path / "bench"
-    cmd = [
-        VLLM_AMPERE, "bench",
-        "--model", str(model),
-        "--serve-args", "--max-model-len 32768 --max-num-seqs 6 --max-num-batched-tokens 2048",
-        "--contexts", "16k,32k", "--concurrency", "1,2", "--output-len", "16",
-        "--stall-timeout", "120", "--min-prefill-tok-s", "100",
-        "--out", str(out),
-    ]  # fmt: skip
-    env = os.environ | {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    proc = run_bench(model, out, "--max-model-len 32768 --max-num-seqs 6 --max-num-batched-tokens 2048", "16k,32k",
+                     "--stall-timeout", "120", "--min-prefill-tok-s", "100", timeout_s=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = json.loads((out / "report.json").read_text())["rows"]
-    assert [(r["context"], r["concurrency"]) for r in rows] == [("16k", 1), ("16k", 2), ("32k", 1), ("32k", 2)]
-    for r in rows:
-        assert r["result"] == "pass", r
-        assert r["completed"] == r["concurrency"] and r["failed_requests"] == 0, r
-        assert abs(r["measured_input_tokens"] - r["input_tokens"]) <= 2, r
-        saved = json.loads(Path(r["result_json"]).read_text())
-        assert saved["output_lens"] == [16] * r["concurrency"], r
+    assert_rows_pass(rows, [("16k", 1), ("16k", 2), ("32k", 1), ("32k", 2)])
