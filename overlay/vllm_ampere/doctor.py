@@ -33,7 +33,7 @@ def run(args) -> int:
     patches = all_patches()
     for patch in patches:
         if not patch.needed():
-            print(f"  {patch.name}: not needed on this machine")
+            print(f"  {patch.name}: not needed in this process ({', '.join(patch.processes)})")
             continue
         try:
             patch.check()
