@@ -30,7 +30,7 @@ import torch
 from vllm_ampere.cluster.model import ModelDims
 from vllm_ampere.convert.layout import native_tensors
 from vllm_ampere.convert.safetensors_io import ShardWriter, dtype_code
-from vllm_ampere.convert.tiny import _keep_tensor, tiny_config
+from vllm_ampere.convert.tiny import keep_tensor, tiny_config
 
 FLASH = ModelDims()
 
@@ -55,7 +55,7 @@ def random_tensor(name: str, t, cfg: dict, gen: torch.Generator) -> torch.Tensor
         return b.masked_fill_((b & 0x7F) == 0x7F, 0x7E).view(torch.float8_e4m3fn)
     if t.kind.endswith("_scale"):  # e8m0 around 2^-7
         return torch.randint(116, 124, t.shape, generator=gen, dtype=torch.uint8).view(torch.float8_e8m0fnu)
-    return _keep_tensor(name, t, cfg, gen)
+    return keep_tensor(name, t, cfg, gen)
 
 
 def write_native(dst: Path, ratio: int) -> int:

@@ -138,7 +138,7 @@ def _generate(layout: dict[str, NativeTensor], cfg: dict, seed: int) -> dict[str
             n, half_k = t.shape
             out[name], out[t.scale_name] = _mxfp4(_normal((n, half_k * 2), gen))
         elif t.kind == "keep":
-            out[name] = _keep_tensor(name, t, cfg, gen)
+            out[name] = keep_tensor(name, t, cfg, gen)
     return out
 
 
@@ -146,7 +146,9 @@ def _normal(shape, gen) -> torch.Tensor:
     return torch.randn(shape, generator=gen) * INIT_STD
 
 
-def _keep_tensor(name: str, t: NativeTensor, cfg: dict, gen) -> torch.Tensor:
+def keep_tensor(name: str, t: NativeTensor, cfg: dict, gen) -> torch.Tensor:
+    """An unquantized tensor: norms and hc scales 1, biases and sinks 0, the hash table distinct
+    experts per token id, everything else N(0, INIT_STD)."""
     dtype = {"BF16": torch.bfloat16, "F32": torch.float32, "I64": torch.int64}[t.dtypes[0]]
     leaf = name.rsplit(".", 2)
     if name.endswith("norm.weight"):
