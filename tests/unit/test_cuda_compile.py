@@ -39,16 +39,18 @@ def ptxas_report(text: str) -> dict[str, dict[str, int]]:
     return report
 
 
+def nvcc_command(source: Path, arch: str, *output: str) -> list[str]:
+    """nvcc on one source with setup.py's device flags and include folders, plus `output`."""
+    folder = ROOT / source.relative_to(ROOT).parts[0]
+    return ["nvcc", f"-arch={arch}", "-O3", "-std=c++17", "--use_fast_math", "--expt-relaxed-constexpr",
+            "-I", str(folder), "-I", str(source.parent), str(source), *output]  # fmt: skip
+
+
 @pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH: CUDA toolkit absent")
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", SOURCES, ids=[str(p.relative_to(ROOT)) for p in SOURCES])
 def test_compiles_without_unaccepted_spills(source: Path, arch: str, tmp_path: Path):
-    folder = ROOT / source.relative_to(ROOT).parts[0]
-    cmd = [
-        "nvcc", f"-arch={arch}", "-c", "-O3", "-std=c++17", "--use_fast_math",
-        "--expt-relaxed-constexpr", "-Xptxas", "-v", "-I", str(folder), "-I", str(source.parent),
-        str(source), "-o", str(tmp_path / "out.o"),
-    ]  # fmt: skip
+    cmd = nvcc_command(source, arch, "-c", "-Xptxas", "-v", "-o", str(tmp_path / "out.o"))
     result = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"nvcc failed:\n{' '.join(cmd)}\n{output[-6000:]}"

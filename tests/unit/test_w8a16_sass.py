@@ -18,6 +18,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from test_cuda_compile import nvcc_command
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc" / "w8a16"
@@ -102,9 +103,8 @@ def check_kernel(instructions, ring_loads: int) -> list[str]:
 @pytest.mark.parametrize("source", SOURCES)
 def test_decode_kernel_keeps_the_ring_in_flight(source: str, arch: str, tmp_path: Path):
     cubin = tmp_path / "k.cubin"
-    cmd = ["nvcc", f"-arch={arch}", "-cubin", "-O3", "-std=c++17", "--use_fast_math", "-I", str(CSRC),
-           str(CSRC / source), "-o", str(cubin)]  # fmt: skip
-    subprocess.run(cmd, check=True, capture_output=True, timeout=600)
+    subprocess.run(nvcc_command(CSRC / source, arch, "-cubin", "-o", str(cubin)), check=True, capture_output=True,
+                   timeout=600)
     sass = subprocess.run([cuobjdump(), "-sass", str(cubin)], check=True, capture_output=True, text=True).stdout
     gemm = {name: ins for name, ins in kernels(sass).items() if "gemm_kernel" in name}
     assert len(gemm) == 3, f"expected the 3 token-tile instantiations, found {sorted(gemm)}"
