@@ -30,6 +30,7 @@ import torch
 from vllm_ampere.cluster.model import ModelDims
 from vllm_ampere.convert.layout import native_tensors
 from vllm_ampere.convert.safetensors_io import ShardWriter, dtype_code
+from vllm_ampere.convert.source import INDEX
 from vllm_ampere.convert.tiny import keep_tensor, tiny_config
 
 FLASH = ModelDims()
@@ -79,7 +80,7 @@ def write_native(dst: Path, ratio: int) -> int:
             writer.write(n, tensor)
             total += tensor.numel() * tensor.element_size()
         writer.finish()
-    (dst / "model.safetensors.index.json").write_text(json.dumps({"metadata": {"total_size": total},
+    (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
                                                                   "weight_map": weight_map}))
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return total
@@ -104,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         t = time.perf_counter()
         subprocess.run([sys.executable, __file__, "--ratio", str(args.ratio), "--write-native", str(native)],
                        check=True)
-        in_bytes = json.loads((native / "model.safetensors.index.json").read_text())["metadata"]["total_size"]
+        in_bytes = json.loads((native / INDEX).read_text())["metadata"]["total_size"]
         print(f"wrote the native one-layer checkpoint: {in_bytes / 1e9:.2f} GB in {time.perf_counter() - t:.0f} s")
         shards = sorted(native.glob("*.safetensors"))
         layer_shard = shards[0].stat().st_size

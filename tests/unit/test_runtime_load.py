@@ -8,13 +8,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import socket
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
 import vllm_ampere
+from vllm_ampere.bench.processes import free_port
 from vllm_ampere.convert import ConvertOptions, convert, make_tiny
 from vllm_ampere.quant import reference
 from vllm_ampere.quant.loading import Dsv4IntLoadError
@@ -36,9 +36,7 @@ def vllm_env():
     from vllm.distributed import (cleanup_dist_env_and_memory, init_distributed_environment,
                                   initialize_model_parallel)
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with set_current_vllm_config(VllmConfig()):
         init_distributed_environment(world_size=1, rank=0, local_rank=0,
                                      distributed_init_method=f"tcp://127.0.0.1:{port}", backend="gloo")

@@ -22,6 +22,7 @@ from .codecs import (E2M1_VALUES, FP8_BLOCK, MXFP4_GROUP, block_amax, decode_fp8
                      pack_nibbles)
 from .layout import NativeTensor, native_tensors
 from .safetensors_io import ShardWriter, dtype_code, write_file_atomic
+from .source import INDEX
 
 HELP = "write a tiny native DeepSeek-V4-Flash checkpoint (tests, demo)"
 INIT_STD = 0.02
@@ -121,7 +122,7 @@ def make_tiny(dst: str | Path, seed: int = 0, dtype: str = "native") -> Path:
         writer.finish()
     total = sum(t.numel() * t.element_size() for t in tensors.values())
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
-    write_file_atomic(dst / "model.safetensors.index.json", (json.dumps(index, indent=2) + "\n").encode())
+    write_file_atomic(dst / INDEX, (json.dumps(index, indent=2) + "\n").encode())
     _write_tokenizer(dst, cfg, seed)
     write_file_atomic(dst / "config.json", (json.dumps(cfg, indent=2) + "\n").encode())
     return dst

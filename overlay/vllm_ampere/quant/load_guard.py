@@ -18,6 +18,7 @@ from typing import Callable, Iterable, Iterator
 
 import torch
 
+from vllm_ampere.convert.source import INDEX
 from vllm_ampere.quant.loading import Dsv4IntLoadError, is_checked_loader
 
 QUANTIZED_BYTES = (torch.int8, torch.uint8)  # dsv4_int's INT4 (I8) and INT8 (U8/I8) storage
@@ -62,7 +63,7 @@ def shard_file(model_dir: str | None, name: str) -> str | None:
     """The shard holding `name` by the local checkpoint's index, else None (hub ids, no index)."""
     if not model_dir or not Path(model_dir).is_dir():
         return None
-    index = Path(model_dir) / "model.safetensors.index.json"
+    index = Path(model_dir) / INDEX
     try:
         return json.loads(index.read_text())["weight_map"].get(name)
     except (OSError, ValueError, KeyError):
