@@ -54,11 +54,16 @@ def decode_mxfp4(weight_u8: torch.Tensor, scale_u8: torch.Tensor) -> torch.Tenso
     return (vals.unflatten(-1, (-1, MXFP4_GROUP)) * pow2.unsqueeze(-1)).flatten(-2)
 
 
+def block_grid(n: int, k: int) -> tuple[int, int]:
+    """Blocks of 128x128 covering an [N, K] weight: (ceil(N/128), ceil(K/128)), the block-scale shape."""
+    return -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)
+
+
 def block_amax(w: torch.Tensor) -> torch.Tensor:
     """max |w| of each 128x128 block of w [N, K] -> [ceil(N/128), ceil(K/128)] (edge blocks
     padded with zeros, which never raise a block's max)."""
     n, k = w.shape
-    bn, bk = -(-n // FP8_BLOCK), -(-k // FP8_BLOCK)
+    bn, bk = block_grid(n, k)
     padded = torch.zeros(bn * FP8_BLOCK, bk * FP8_BLOCK, dtype=w.dtype, device=w.device)
     padded[:n, :k] = w
     return padded.reshape(bn, FP8_BLOCK, bk, FP8_BLOCK).abs().amax(dim=(1, 3))

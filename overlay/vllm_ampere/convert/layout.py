@@ -14,7 +14,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal
 
-from .codecs import FP8_BLOCK, MXFP4_GROUP
+from .codecs import MXFP4_GROUP, block_grid
 
 Kind = Literal["expert", "expert_scale", "fp8", "fp8_scale", "keep"]
 Shape = tuple[int, ...]
@@ -37,10 +37,6 @@ class NativeTensor:
         return self.name[: -len(".weight")] + ".scale"
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 class _Builder:
     def __init__(self) -> None:
         self.out: dict[str, NativeTensor] = {}
@@ -51,8 +47,7 @@ class _Builder:
 
     def fp8(self, prefix: str, n: int, k: int) -> None:
         self.out[f"{prefix}.weight"] = NativeTensor(f"{prefix}.weight", "fp8", ("F8_E4M3",), (n, k))
-        scale = (_cdiv(n, FP8_BLOCK), _cdiv(k, FP8_BLOCK))
-        self.out[f"{prefix}.scale"] = NativeTensor(f"{prefix}.scale", "fp8_scale", ("F8_E8M0",), scale)
+        self.out[f"{prefix}.scale"] = NativeTensor(f"{prefix}.scale", "fp8_scale", ("F8_E8M0",), block_grid(n, k))
 
     def expert(self, prefix: str, n: int, k: int) -> None:
         self.out[f"{prefix}.weight"] = NativeTensor(f"{prefix}.weight", "expert", ("I8",), (n, k // 2))
@@ -152,7 +147,7 @@ def output_spec(name: str, tensors: dict[str, NativeTensor], dense: str) -> tupl
         return ("U8" if dense == "channel" else "I8"), t.shape
     if t.kind == "fp8_scale":
         n, k = tensors[t.weight_name].shape
-        return "BF16", ((n,) if dense == "channel" else (_cdiv(n, FP8_BLOCK), _cdiv(k, FP8_BLOCK)))
+        return "BF16", ((n,) if dense == "channel" else block_grid(n, k))
     return t.dtypes[0], t.shape
 
 

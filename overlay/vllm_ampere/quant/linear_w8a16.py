@@ -25,6 +25,7 @@ from vllm.model_executor.layers.linear import LinearMethodBase, register_weight_
 from vllm.model_executor.parameter import (BlockQuantScaleParameter, ChannelQuantScaleParameter,
                                            ModelWeightParameter)
 
+from vllm_ampere.convert.codecs import block_grid
 from vllm_ampere.flags import KernelPaths, LinearPath
 from vllm_ampere.quant import reference
 from vllm_ampere.quant.loading import (Dsv4IntLoadError, LoadTracker, check_tensor, checkpoint_name,
@@ -35,10 +36,6 @@ logger = init_logger(__name__)
 BLOCK = reference.INT8_BLOCK
 
 
-def _cdiv(a: int, b: int) -> int:
-    return -(-a // b)
-
-
 def _spec_tensor(strategy: str, leaf: str, n: int, k: int) -> tuple[tuple[torch.dtype, ...], tuple[int, ...], str]:
     """(dtypes, full shape, description) of a linear's `weight` or `scale` (SPEC section 2)."""
     if leaf == "weight":
@@ -47,7 +44,7 @@ def _spec_tensor(strategy: str, leaf: str, n: int, k: int) -> tuple[tuple[torch.
         return (torch.int8,), (n, k), "INT8 block weight, q"
     if strategy == "channel":
         return (torch.bfloat16,), (n,), "one scale per output row"
-    return (torch.bfloat16,), (_cdiv(n, BLOCK), _cdiv(k, BLOCK)), "one scale per 128x128 block"
+    return (torch.bfloat16,), block_grid(n, k), "one scale per 128x128 block"
 
 
 @register_weight_loader_v2_supported_method  # our parameters are vLLM Parameter classes
@@ -79,9 +76,9 @@ class Dsv4Int8LinearMethod(LinearMethodBase):
         else:
             # vLLM's merged/column loaders shard block scales by layer.weight_block_size.
             layer.weight_block_size = [BLOCK, BLOCK]
-            rows = sum(_cdiv(o, BLOCK) for o in output_partition_sizes)
-            scale = BlockQuantScaleParameter(data=torch.empty(rows, _cdiv(k, BLOCK), dtype=torch.bfloat16),
-                                             input_dim=1, output_dim=0, weight_loader=stock_loader)
+            grids = [block_grid(o, k) for o in output_partition_sizes]
+            data = torch.empty(sum(rows for rows, _ in grids), grids[0][1], dtype=torch.bfloat16)
+            scale = BlockQuantScaleParameter(data=data, input_dim=1, output_dim=0, weight_loader=stock_loader)
         layer.register_parameter("weight", weight)
         layer.register_parameter("weight_scale_inv", scale)
 
