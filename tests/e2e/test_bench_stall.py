@@ -25,9 +25,12 @@ from vllm_ampere.bench.runner import WatchConfig, run_row
 
 STALL_S = 8.0
 POLL_S = 0.5
-# Long outputs (~1 ms a token here: 10+ s of decode) so that the engine is frozen mid-row.
-ROW = MatrixRow("256", 256, 2, 12000)
-MAX_LEN = 16384
+# Outputs far longer than a freeze needs (~1.3 ms a token a stream here: over a minute of
+# decode), so that the engine is frozen mid-row even where its first tokens are seen late: a CI
+# run once saw 2 x 12000 tokens finish before the freeze (the row is frozen or killed within
+# seconds of its first token, so the length costs no time).
+ROW = MatrixRow("256", 256, 2, 60000)
+MAX_LEN = 65536
 SERVE_ARGS = ["--max-model-len", str(MAX_LEN), "--max-num-seqs", "4", "--enforce-eager"]
 
 
@@ -55,17 +58,20 @@ def _run_in_thread(server: Server, out_dir, watch: WatchConfig):
     return t, box
 
 
-def _after_first_tokens(server: Server, baseline: float, timeout_s: float = 120) -> float:
-    """Wait until the row's requests run and tokens come out (the seed's stall state). Not
-    always both: on a loaded machine vLLM's client may start the second stream late, or lose it
-    to its own SSE parsing (a network read that ends right after `data:` has its space stripped:
-    vllm/benchmarks/lib/endpoint_request_func.py, `chunk_bytes.strip()`)."""
+def _after_first_tokens(server: Server, baseline: float, timeout_s: float = 120) -> str:
+    """Wait until the row's requests run and tokens come out (the seed's stall state); return
+    how that took, for the messages of the checks that follow. Not always both streams: on a
+    loaded machine vLLM's client may start the second one late."""
     t0 = time.monotonic()
+    scrapes, errors = 0, []
     while True:
         s = scrape(server.base_url, timeout_s=2)
+        scrapes += 1
+        if s.error:
+            errors.append(s.error)
         if s.ok and s.generated > baseline and s.running >= 1:
-            return s.generated
-        assert time.monotonic() - t0 < timeout_s, f"no token within {timeout_s} s: {s}"
+            return f"first tokens seen after {time.monotonic() - t0:.1f} s, {scrapes} scrapes, failed: {errors[-3:]}"
+        assert time.monotonic() - t0 < timeout_s, f"no token within {timeout_s} s: {s}; failed scrapes: {errors[-3:]}"
         time.sleep(0.02)
 
 
@@ -82,14 +88,14 @@ def test_frozen_engine_is_stalled_and_client_stopped(server, tmp_path):
     watch = WatchConfig(stall_timeout_s=STALL_S, poll_s=POLL_S, row_timeout_s=240)
     baseline = scrape(server.base_url).generated
     thread, box = _run_in_thread(server, tmp_path, watch)
-    _after_first_tokens(server, baseline)
+    seen = _after_first_tokens(server, baseline)
     engine = psutil.Process(server.proc.pid).children(recursive=True)
-    for p in engine:  # EngineCore, its worker, multiprocessing's resource tracker
-        p.suspend()
-    frozen_at = time.monotonic()
-    at_freeze = scrape(server.base_url)
-    assert at_freeze.generated < baseline + ROW.concurrency * ROW.output_tokens, "row ended before the freeze"
-    try:
+    try:  # resumed whatever fails, so that the next tests get a live engine
+        for p in engine:  # EngineCore, its worker, multiprocessing's resource tracker
+            p.suspend()
+        frozen_at = time.monotonic()
+        at_freeze = scrape(server.base_url)
+        assert at_freeze.generated < baseline + ROW.concurrency * ROW.output_tokens, f"row ended before the freeze; {seen}"
         thread.join(timeout=STALL_S + 60)
         named_after = time.monotonic() - frozen_at
         assert not thread.is_alive(), "the row hung"
