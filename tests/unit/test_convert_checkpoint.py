@@ -268,3 +268,23 @@ def test_kill_9_then_resume_is_byte_identical(tiny, converted, tmp_path):
             assert not (dst / "config.json").exists() or len(_files(dst)) == len(_files(converted))
     subprocess.run([sys.executable, "-c", _CHILD, str(tiny), str(dst), "1"], env=env, check=True)
     assert _files(dst) == _files(converted)
+
+
+_LARGE_PARENT = """
+import subprocess, sys
+big = bytearray(2 * 2**30)
+big[::4096] = b"x" * len(big[::4096])  # resident, not just reserved
+del big
+code = "import sys; from vllm_ampere.convert.converter import ConvertOptions, convert; " \\
+       "print(convert(sys.argv[1], sys.argv[2], ConvertOptions(progress=False)).peak_rss_bytes)"
+sys.exit(subprocess.run([sys.executable, "-c", code, *sys.argv[1:]]).returncode)
+"""
+
+
+def test_peak_rss_is_the_converters_own(tiny, tmp_path):
+    # Started by a process that once held 2 GiB: getrusage's maxrss would report that parent's peak.
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
+    out = subprocess.run([sys.executable, "-c", _LARGE_PARENT, str(tiny), str(tmp_path / "out")], env=env,
+                         check=True, capture_output=True, text=True).stdout
+    peak = int(out.split()[-1])
+    assert 50 * 2**20 < peak < 2**30, peak

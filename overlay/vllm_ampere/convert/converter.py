@@ -353,6 +353,11 @@ def _progress(options: ConvertOptions, total: int, shards: int):
 
 
 def _peak_rss() -> int:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """Peak resident bytes of this process and of its finished workers. This process's own peak
+    is its memory map's high-water mark (VmHWM), not getrusage's maxrss: Linux carries the peak
+    of whichever process exec'd this one into that (a conversion started from a large process
+    reported its peak). A worker's maxrss is its own, as this process's map starts fresh."""
+    with open("/proc/self/status") as f:
+        own = next(int(line.split()[1]) for line in f if line.startswith("VmHWM:"))
     children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-    return max(own, children) * 1024  # Linux reports KiB
+    return max(own, children) * 1024  # both in KiB
