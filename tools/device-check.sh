@@ -3,7 +3,9 @@
 # lent to sessions, a fresh A100/3090 box): build both extensions as the product ships them
 # (sm_80 code + compute_80 PTX, so newer GPUs JIT it), then run tests/gpu and, unless
 # --no-bench, the kernel benchmarks. Logs go to $OUT (default out/device-check).
-# Where pydantic is missing, carry wheels in .whl/ (the converter's config schema needs it).
+# Where pydantic is missing (the lent H200's image: python 3.12, no pydantic), carry its wheels
+# in .whl/ (the converter's config schema needs it); fetch them here, then pass carry [".whl"]:
+#   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl pydantic
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-out/device-check}
