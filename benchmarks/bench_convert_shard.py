@@ -69,10 +69,7 @@ def write_native(dst: Path, ratio: int) -> int:
     total = 0
     for file in files.values():
         names = [n for n, f in weight_map.items() if f == file]
-        specs = {}
-        for n in names:
-            t = layout[n]
-            specs[n] = (t.dtypes[0], tuple(t.shape))
+        specs = {n: (layout[n].dtypes[0], tuple(layout[n].shape)) for n in names}
         writer = ShardWriter(dst / file, specs)
         for n in writer.order:
             tensor = random_tensor(n, layout[n], cfg, gen)
@@ -80,8 +77,7 @@ def write_native(dst: Path, ratio: int) -> int:
             writer.write(n, tensor)
             total += tensor.numel() * tensor.element_size()
         writer.finish()
-    (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": total},
-                                                                  "weight_map": weight_map}))
+    (dst / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}))
     (dst / "config.json").write_text(json.dumps(cfg, indent=2))
     return total
 

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Every GPU check in one call, for a bare CUDA machine with torch, nvcc and pytest (the H200
-# lent to sessions, a fresh A100/3090 box): build both extensions as the product ships them
-# (sm_80 code + compute_80 PTX, so newer GPUs JIT it), then run tests/gpu and, unless
-# --no-bench, the kernel benchmarks. Logs go to $OUT (default out/device-check).
+# lent to sessions, a fresh A100/3090 box): build both extensions for sm_80 with compute_80 PTX
+# (newer GPUs JIT it; pins.py also ships sm_86 code, left out here to halve the build), then
+# run tests/gpu and, unless --no-bench, the kernel benchmarks. Logs go to $OUT (default out/device-check).
 # Where pydantic is missing (the lent H200's image: python 3.12, no pydantic), carry its wheels
 # in .whl/ (the converter's config schema needs it); fetch them here, then pass carry [".whl"]:
 #   pip download --only-binary=:all: --python-version 3.12 --platform manylinux_2_17_x86_64 -d .whl pydantic

@@ -75,7 +75,5 @@ def force_avx2_env(tmp_path_factory) -> dict[str, str]:
     kernel library: a sitecustomize on PYTHONPATH (Python imports it at startup)."""
     site = tmp_path_factory.mktemp("force_avx2")
     (site / "sitecustomize.py").write_text(_FORCE_AVX2)
-    import os
-
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH", "")) if p)
     return {"PYTHONPATH": path}

@@ -7,18 +7,13 @@ row `pass`."""
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 import uuid
-from pathlib import Path
 
 import psutil
 import pytest
 
 from conftest import assert_rows_pass, run_bench
 from vllm_ampere.bench.report import NUMERIC
-
-VLLM_AMPERE = str(Path(sys.executable).parent / "vllm-ampere")
 
 # The seed's command shape (seed card, "Command shape"), flag for flag.
 SEED_SHAPE = [
@@ -105,9 +100,7 @@ def test_a_server_that_cannot_start_fails_every_row_once(tmp_path):
     model.mkdir()
     (model / "config.json").write_text('{"architectures": ["NopeForCausalLM"], "model_type": "nope"}')
     out = tmp_path / "out"
-    cmd = [VLLM_AMPERE, "bench", "--model", str(model), "--contexts", "256", "--concurrency", "1,2",
-           "--output-len", "16", "--out", str(out)]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    proc = run_bench(model, out, "", "256", timeout_s=300)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     rows = json.loads((out / "report.json").read_text())["rows"]
     assert [r["result"] for r in rows] == ["failed", "failed"]

@@ -25,12 +25,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
+from conftest import CPU_SERVE_ENV
 
 from vllm_ampere.bench.processes import Server
 
 SERVE_ARGS = ["--max-model-len", "4096", "--max-num-seqs", "4"]
-# Small KV cache (GiB) and two OpenMP threads: the CI machine has 2 cores and shared memory.
-SERVE_ENV = {"VLLM_CPU_KVCACHE_SPACE": "1", "OMP_NUM_THREADS": "2"}
 INDEX_TOPK, C4_RATIO = 512, 4  # tiny config: index_topk and the indexer layer's compress ratio
 WORDS = ("the model serves tokens on ampere gpus with int4 experts and int8 linears; a quick brown "
          "fox jumps over the lazy dog while 12345 numbers, code() and {json: true} appear").split()
@@ -51,7 +50,7 @@ LOGPROB_TOL, LOGPROB_MEAN_TOL, LOGPROB_MIN_CORR = 0.15, 0.04, 0.99
 def served(model: Path, log_path: Path, serve_args: list[str], extra_env: dict[str, str] | None = None):
     """A running `vllm serve MODEL` (yielded as its Server); stopped by process group on exit."""
     server = Server(model=str(model), serve_args=serve_args, log_path=log_path,
-                    env=os.environ | SERVE_ENV | (extra_env or {}), startup_timeout_s=600)
+                    env=os.environ | CPU_SERVE_ENV | (extra_env or {}), startup_timeout_s=600)
     server.start(progress=lambda msg: print(msg, flush=True))
     try:
         yield server

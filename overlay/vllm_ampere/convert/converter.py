@@ -10,7 +10,6 @@ last, so a directory without it is visibly incomplete.
 
 from __future__ import annotations
 
-from collections import Counter
 import contextlib
 import hashlib
 import json
@@ -20,6 +19,7 @@ import resource
 import shutil
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from multiprocessing import get_context

@@ -39,7 +39,7 @@ class CheckpointCursor:
 
     def __init__(self, weights: Iterable[tuple[str, torch.Tensor]], model_dir: str | None):
         self._weights = weights
-        self._model_dir = model_dir
+        self.model_dir = model_dir
         self.name: str | None = None
 
     def __iter__(self) -> Iterator[tuple[str, torch.Tensor]]:
@@ -47,11 +47,8 @@ class CheckpointCursor:
             self.name = name
             yield name, tensor
 
-    def checkpoint(self) -> str | None:
-        return self._model_dir
-
     def shard(self) -> str | None:
-        return shard_file(self._model_dir, self.name) if self.name else None
+        return shard_file(self.model_dir, self.name) if self.name else None
 
     def where(self) -> str:
         """`name` with its shard file when the checkpoint's index is on local disk."""
@@ -149,7 +146,7 @@ def _refuse_unloaded(model: torch.nn.Module, loaded: set[str] | None, cursor: Ch
     missing = sorted(name for name, param in model.named_parameters()
                      if name not in loaded and name not in tracked and param.numel() > 0)
     if missing:
-        where = cursor.checkpoint() or "the checkpoint"
+        where = cursor.model_dir or "the checkpoint"
         raise Dsv4IntLoadError(
             f"dsv4_int: {where} has no tensor for {len(missing)} parameter(s) of the DeepSeek-V4 "
             f"model, which would keep uninitialized memory: {', '.join(missing[:8])}"
