@@ -3,7 +3,9 @@
     PYTHONPATH=overlay python benchmarks/bench_w8a16.py [--json out.json] [--quick]
 
 Reports per (shape, M): our time, achieved GB/s of weight reading (N*K bytes / time) and its
-ratio to the measured device-to-device copy bandwidth (bytes read + written / time), and the
+ratio to the measured device-to-device copy bandwidth (bytes read + written / time) and to the
+same-size read floor (torch's sum over the same N*K bytes, timed the same way: what a plain
+streaming kernel reaches at this size, where launch and ramp-up weigh on a small weight), and the
 times of (a) dequant + torch.matmul in BF16 (dequantized by torch ops on every call), (b) the
 cuBLAS matmul alone on a pre-dequantized BF16 weight (a floor, not a real option: it needs 2x
 the memory), (c) vLLM's in-tree Marlin W8A16 (uint8b128, per-channel) where vLLM is importable.
@@ -57,6 +59,7 @@ def bench_shape(name, n, k, ms, marlin, bw):
     ws = [torch.randint(1, 256, (n, k), generator=g, dtype=torch.uint8, device="cuda") for _ in range(copies)]
     scales = [(torch.rand(n, generator=g, device="cuda") * 1e-2 + 1e-4).to(torch.bfloat16) for _ in ws]
     packed = [w8a16.repack(w, s) for w, s in zip(ws, scales)]
+    read_floor = graph_s([lambda w=w: w.view(torch.int64).sum() for w in ws])
     rows = []
     for m in ms:
         a = torch.randn(m, k, device="cuda", dtype=torch.bfloat16)
@@ -74,6 +77,7 @@ def bench_shape(name, n, k, ms, marlin, bw):
         row = dict(shape=name, n=n, k=k, m=m, ours_us=ours * 1e6, fused_us=paths["fused"] * 1e6,
                    ours_dequant_us=paths["dequant"] * 1e6,
                    weight_gbs=n * k / ours / 1e9, of_copy_bw=n * k / ours / bw[0], of_read_bw=n * k / ours / bw[1],
+                   read_floor_us=read_floor * 1e6, of_read_floor=read_floor / ours,
                    dequant_matmul_us=deq * 1e6, cublas_only_us=cublas * 1e6,
                    tflops=2 * m * n * k / ours / 1e12)  # fmt: skip
         if marlin:
@@ -86,7 +90,7 @@ def bench_shape(name, n, k, ms, marlin, bw):
         rows.append(row)
         print(
             f"{name:40s} M={m:5d} ours {row['ours_us']:8.1f} us  {row['weight_gbs']:7.0f} GB/s "
-            f"({row['of_copy_bw'] * 100:5.1f}% copy bw)  fused {row['fused_us']:8.1f}  ours-dequant {row['ours_dequant_us']:8.1f}  "
+            f"({row['of_copy_bw'] * 100:5.1f}% copy bw, {row['of_read_floor'] * 100:5.1f}% same-size read)  fused {row['fused_us']:8.1f}  ours-dequant {row['ours_dequant_us']:8.1f}  "
             f"deq+mm {row['dequant_matmul_us']:8.1f}  cublas {row['cublas_only_us']:8.1f}"
             + (f"  marlin {row['marlin_us']:.1f}" if row.get("marlin_us") else ""),
             flush=True,
@@ -134,13 +138,13 @@ def main():
 
 
 def print_table(rows):
-    print("\n| shape | N x K | M | ours us | weight GB/s | % copy bw | % read bw | fused us | our dequant+cuBLAS us "
+    print("\n| shape | N x K | M | ours us | weight GB/s | % copy bw | % read bw | % same-size read | fused us | our dequant+cuBLAS us "
           "| torch dequant+matmul us | cuBLAS-only us | Marlin us |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         marlin = f"{r['marlin_us']:.1f}" if r.get("marlin_us") else "n/a"
         print(f"| {r['shape']} | {r['n']}x{r['k']} | {r['m']} | {r['ours_us']:.1f} | {r['weight_gbs']:.0f} | "
-              f"{r['of_copy_bw'] * 100:.1f} | {r['of_read_bw'] * 100:.1f} | {r['fused_us']:.1f} | {r['ours_dequant_us']:.1f} | "
+              f"{r['of_copy_bw'] * 100:.1f} | {r['of_read_bw'] * 100:.1f} | {r['of_read_floor'] * 100:.1f} | {r['fused_us']:.1f} | {r['ours_dequant_us']:.1f} | "
               f"{r['dequant_matmul_us']:.1f} | {r['cublas_only_us']:.1f} | {marlin} |")  # fmt: skip
 
 
