@@ -46,7 +46,7 @@ constexpr int kTargetCtasPerSm = 4;
 // Above this M the host dequantizes into a BF16/FP16 buffer and calls cuBLAS instead (see
 // w8a16_binding.cpp): each warp re-reads all M activations from L1 per weight tile. On the H200
 // (run 2 of benchmarks/bench_w8a16.py) the fused kernel won at M <= 8 on every shape and at
-// M = 16 on the large ones, and lost at M = 32 on 9 of the 11 DeepSeek-V4-Flash shapes.
+// M = 16 on the large ones, and lost at M = 32 on 9 of the 11 shapes it then measured.
 constexpr int kFusedMaxM = 16;
 
 }  // namespace w8a16

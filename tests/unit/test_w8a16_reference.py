@@ -1,13 +1,39 @@
 """W8A16 on CPU: the repacked layout, the reference math, dispatch and errors."""
 
+import dataclasses
+
 import pytest
 import torch
 
+from vllm_ampere.cluster.model import ModelDims
+from vllm_ampere.convert.layout import native_tensors, tensor_class
 from vllm_ampere.ops import w8a16
 from vllm_ampere.ops.w8a16 import DSV4_FLASH_SHAPES
 
 ODD_SHAPES = {"one tile": (16, 16), "K not a multiple of 32": (48, 80), "N not a multiple of 64": (80, 4112)}
 ALL_SHAPES = {**DSV4_FLASH_SHAPES, **ODD_SHAPES}
+
+
+def test_flash_shapes_are_the_checkpoints_int8_gemms():
+    """The shapes the tests and the benchmark use are those of every INT8 weight of a Flash
+    checkpoint (the converter's layout at the published dims), merged as vLLM runs them."""
+    dims = ModelDims()
+    cfg = dataclasses.asdict(dims) | {"num_nextn_predict_layers": 1}
+    shapes = {tensor_class(t.name): t.shape for t in native_tensors(cfg).values() if t.kind == "fp8"}
+    fused = {
+        "attn.fused_wqa_wkv": ("attn.wq_a", "attn.wkv"),
+        "ffn.shared_experts.gate_up": ("ffn.shared_experts.w1", "ffn.shared_experts.w3"),
+    }
+    gemms = {}
+    for merged, parts in fused.items():
+        (n0, k), (n1, k1) = (shapes.pop(p) for p in parts)
+        assert k == k1  # merged along N
+        gemms[merged] = (n0 + n1, k)
+    n, k = shapes.pop("attn.wo_a")
+    gemms["attn.wo_a"] = (n // dims.o_groups, k)  # one GEMM per output group
+    gemms.update(shapes)
+    assert set(gemms.values()) == set(DSV4_FLASH_SHAPES.values())
+    assert len(set(DSV4_FLASH_SHAPES.values())) == len(DSV4_FLASH_SHAPES)  # each measured once
 
 
 def random_weight(n, k, seed=0):

@@ -38,21 +38,18 @@ TILE_K = 32       # k per 16-byte lane load
 BLOCK_ROWS = 64   # rows per CTA: one split-K lock each
 PATHS = {"auto": 0, "fused": 1, "dequant": 2}
 
-# DeepSeek-V4-Flash INT8 linears, (N, K), from the pinned vLLM's models/deepseek_v4 (attention.py,
-# compressor.py, nvidia/model.py, nvidia/mtp.py) and the config (hidden 4096, q_lora 1024,
-# 64 heads x 512, o_groups 8, o_lora 1024, shared expert 2048, indexer 64 x 128). Unsplit (TP 1).
+# The GEMMs of DeepSeek-V4-Flash's INT8 linears (quant.layers.INT8_LINEAR_SUFFIXES), (N, K), as
+# the pinned vLLM runs them (merged wq_a+wkv and w1+w3, wo_a per group) at the config's dims
+# (hidden 4096, q_lora 1024, 64 heads x 512, o_groups 8, o_lora 1024, shared expert 2048, indexer
+# 64 x 128), each shape once. Unsplit (TP 1). The compressors' projections are BF16, so not here.
 DSV4_FLASH_SHAPES = {
     "attn.fused_wqa_wkv": (1024 + 512, 4096),
     "attn.wq_b": (64 * 512, 1024),
     "attn.wo_a (one of 8 groups)": (1024, 64 * 512 // 8),
     "attn.wo_b": (4096, 8 * 1024),
-    "shared_experts.gate_up": (2 * 2048, 4096),
+    "shared_experts.gate_up, mtp.e_proj / h_proj": (2 * 2048, 4096),
     "shared_experts.down": (4096, 2048),
     "indexer.wq_b": (64 * 128, 1024),
-    "compressor.fused_wkv_wgate (ratio 4)": (2 * 2 * 512, 4096),
-    "compressor.fused_wkv_wgate (ratio 128)": (2 * 512, 4096),
-    "indexer.compressor.fused_wkv_wgate": (2 * 2 * 128, 4096),
-    "mtp.e_proj / h_proj": (4096, 4096),
 }
 
 
