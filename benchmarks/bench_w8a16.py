@@ -130,7 +130,7 @@ def main():
     print(marlin_note if marlin is None else "vLLM Marlin: available")
     ms = (1, 16, 2048) if args.quick else MS
     rows = [r for name, (n, k) in DSV4_FLASH_SHAPES.items() for r in bench_shape(name, n, k, ms, marlin, bw)]
-    sweeps = [sweep_split_k(n, k, m, bw) for (n, k) in ((1536, 4096), (4096, 8192), (512, 4096)) for m in (1, 16)]
+    sweeps = [sweep_split_k(n, k, m, bw) for (n, k) in ((1536, 4096), (4096, 8192), (1024, 4096)) for m in (1, 16)]
     print_table(rows)
     if args.json:
         with open(args.json, "w") as f:
