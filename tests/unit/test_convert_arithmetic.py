@@ -112,6 +112,8 @@ def test_group_beyond_fp32_is_rejected(mse):
 
 def test_grid_parsing():
     assert len(divisor_grid(5.0, 9.5, 0.25)) == 19
+    assert divisor_grid(5.0, 9.4, 0.25)[-1] == 9.25  # never past STOP
+    assert len(divisor_grid(1.0, 16.0, 0.1)) == 151  # 15 / 0.1 is 149.99... in floats
     with pytest.raises(ConversionError):
         divisor_grid(0.5, 9.5, 0.25)  # below the proven-exact range
     with pytest.raises(ConversionError):

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -171,6 +170,13 @@ def _bad_e8m0(src):
         f.write(b"\xff")
 
 
+def _bad_e4m3_nan(src):
+    info = ShardReader(src / SHARD2).tensors["layers.1.attn.wq_b.weight"]
+    with open(src / SHARD2, "r+b") as f:
+        f.seek(info.start + 300)
+        f.write(b"\xff")
+
+
 def _bad_truncated(src):
     with open(src / SHARD2, "r+b") as f:
         f.truncate(os.path.getsize(src / SHARD2) - 1000)
@@ -195,6 +201,7 @@ def _bad_model(src):
         (_bad_missing_scale, "missing scale", SHARD2, "layers.1.ffn.experts.3.w2.scale"),
         (_bad_shape, "does not match config.json", "model-00001-of-00005.safetensors", "layers.0.ffn.experts.0.w1.scale"),
         (_bad_e8m0, "byte 255", SHARD2, "layers.1.ffn.experts.4.w1.scale"),
+        (_bad_e4m3_nan, "e4m3 NaN byte 0xFF", SHARD2, "layers.1.attn.wq_b.weight"),
         (_bad_truncated, "truncated", SHARD2, None),
         (_bad_garbled, "not JSON", SHARD2, None),
         (_bad_model, "not a DeepSeek-V4", "config.json", None),
@@ -247,9 +254,88 @@ def test_disk_full_gives_a_clear_error_and_no_config(tiny, converted, tmp_path, 
     assert _files(dst) == _files(converted)
 
 
+def test_disk_full_on_a_buffered_write(tmp_path):
+    # A real ENOSPC from the kernel: the shard's temporary file is /dev/full. The bytes the writer
+    # buffered fail when flushed at the end, and again when the failed shard is closed.
+    path = tmp_path / "shard.safetensors"
+    (tmp_path / "shard.safetensors.partial").symlink_to("/dev/full")
+    writer = safetensors_io.ShardWriter(path, {"t": ("U8", (100,))})
+    writer.write("t", torch.zeros(100, dtype=torch.uint8))
+    with pytest.raises(ConversionError, match="disk full") as e:
+        writer.finish()
+    assert e.value.file == path.name
+    assert not list(tmp_path.iterdir())
+
+
+SHARD1 = "model-00001-of-00005.safetensors"
+
+
+def test_a_failed_shard_keeps_what_other_workers_wrote(tiny, converted, tmp_path):
+    src = _copy(tiny, tmp_path)
+    reader = ShardReader(src / SHARD1)  # one FP8 block scaled past fp32: found while decoding
+    with open(src / SHARD1, "r+b") as f:
+        f.seek(reader.tensors["layers.0.attn.wq_a.scale"].start)
+        f.write(b"\xfe")  # 2^127
+        f.seek(reader.tensors["layers.0.attn.wq_a.weight"].start)
+        f.write(b"\x7e")  # e4m3 448
+    dst = tmp_path / "dst"
+    with pytest.raises(ConversionError, match="non-finite") as e:
+        convert(src, dst, ConvertOptions(progress=False, workers=2))
+    assert e.value.tensor == "layers.0.attn.wq_a.weight"
+    written = sorted(p.name for p in dst.glob("*.safetensors"))
+    kept = sorted(json.loads((dst / MANIFEST).read_text())["shards"])
+    assert SHARD1 not in written and written == kept  # no finished shard is thrown away
+    shutil.copy(tiny / SHARD1, src / SHARD1)
+    r = convert(src, dst, ConvertOptions(progress=False, resume=True))
+    assert r.skipped == kept and SHARD1 in r.converted
+    assert {f: b for f, b in _files(dst).items() if f != MANIFEST} == {f: b for f, b in _files(converted).items() if f != MANIFEST}
+
+
+def test_resume_redoes_shards_whose_source_changed(tiny, tmp_path):
+    src = _copy(tiny, tmp_path)
+    dst = tmp_path / "dst"
+    convert(src, dst, QUIET)
+    before = _files(dst)
+    other = make_tiny(tmp_path / "other", seed=1)  # same index and headers, other values
+    shutil.copy(other / SHARD2, src / SHARD2)
+    r = convert(src, dst, ConvertOptions(progress=False, resume=True))
+    assert r.converted == [SHARD2] and len(r.skipped) == 4
+    assert _files(dst)[SHARD2] != before[SHARD2]
+    assert _tensor(dst, "layers.1.attn.wq_b.weight").equal(_tensor(convert(other, tmp_path / "ref", QUIET).dst, "layers.1.attn.wq_b.weight"))
+
+
+def test_int32_hash_table_is_kept_as_int32(tiny, converted, tmp_path):
+    src = _copy(tiny, tmp_path)
+    name = "layers.0.ffn.gate.tid2eid"
+    reader = ShardReader(src / SHARD1)
+    tensors = {n: reader.read(n) for n in reader.tensors}
+    tensors[name] = tensors[name].to(torch.int32)
+    writer = safetensors_io.ShardWriter(src / SHARD1, {n: (safetensors_io.dtype_code(t.dtype), tuple(t.shape)) for n, t in tensors.items()})
+    for n in writer.order:
+        writer.write(n, tensors[n])
+    writer.finish()
+    dst = tmp_path / "dst"
+    convert(src, dst, QUIET)
+    assert _tensor(dst, name).dtype == torch.int32 and _tensor(dst, name).equal(_tensor(converted, name).to(torch.int32))
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    data = sum(info.nbytes for f in set(index["weight_map"].values()) for info in ShardReader(dst / f).tensors.values())
+    assert index["metadata"]["total_size"] == data
+
+
 _CHILD = """
-import sys
+import os, signal, sys
+from vllm_ampere.convert import safetensors_io
 from vllm_ampere.convert.converter import ConvertOptions, convert
+target, nth = sys.argv[4], int(sys.argv[5])
+real, seen = safetensors_io.write_all, [0]
+
+def write(f, data):  # SIGKILL ourselves at the nth write into the file named `target` (0: never)
+    seen[0] += os.path.basename(f.name).startswith(target)
+    if nth and seen[0] == nth:
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(f, data)
+
+safetensors_io.write_all = write
 convert(sys.argv[1], sys.argv[2], ConvertOptions(progress=False, resume=sys.argv[3] == "1"))
 """
 
@@ -257,16 +343,15 @@ convert(sys.argv[1], sys.argv[2], ConvertOptions(progress=False, resume=sys.argv
 def test_kill_9_then_resume_is_byte_identical(tiny, converted, tmp_path):
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
     dst = tmp_path / "killed"
-    seen = set()
-    for delay in (1.2, 2.0, 2.6, 3.2):  # import + start take ~1 s; shards land every ~0.2 s
-        proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(tiny), str(dst), "1" if dst.exists() else "0"], env=env)
-        time.sleep(delay)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        if dst.exists():
-            seen.add(len(json.loads((dst / MANIFEST).read_text())["shards"]) if (dst / MANIFEST).exists() else -1)
-            assert not (dst / "config.json").exists() or len(_files(dst)) == len(_files(converted))
-    subprocess.run([sys.executable, "-c", _CHILD, str(tiny), str(dst), "1"], env=env, check=True)
+    # Killed part-way through shard 2, then (resumed) part-way through shard 4, then (resumed)
+    # as config.json, the completion mark, is being written; each time the shards before stay.
+    for target, nth, done in ((SHARD2, 40, 1), ("model-00004", 30, 3), ("config.json", 1, 5)):
+        proc = subprocess.run([sys.executable, "-c", _CHILD, str(tiny), str(dst), "1" if dst.exists() else "0",
+                               target, str(nth)], env=env)
+        assert proc.returncode == -signal.SIGKILL
+        assert len(json.loads((dst / MANIFEST).read_text())["shards"]) == done
+        assert not (dst / "config.json").exists()
+    subprocess.run([sys.executable, "-c", _CHILD, str(tiny), str(dst), "1", "-", "0"], env=env, check=True)
     assert _files(dst) == _files(converted)
 
 

@@ -12,6 +12,7 @@ import torch
 E2M1_MAGNITUDES = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0)
 E2M1_VALUES = E2M1_MAGNITUDES + tuple(-m for m in E2M1_MAGNITUDES)
 E8M0_NAN = 255
+E4M3_NAN_BITS = 0x7F  # e4m3fn has no infinities; S.1111.111 is its only NaN (0x7F, 0xFF)
 MXFP4_GROUP = 32
 FP8_BLOCK = 128
 

@@ -3,8 +3,9 @@
 Output shard i holds the converted tensors of source shard i (same names, same file names), so
 the plan per output shard is: its own tensors, plus any source shard that holds one of their
 weight/scale partners. A shard is written under a temporary name, fsynced and renamed; the
-manifest then records its sha256 and quality figures. `resume` keeps shards whose bytes still
-match the manifest and redoes the rest. config.json is removed when a run starts and written
+manifest then records its sha256, quality figures and the size and mtime of the source shards it
+was made from. `resume` keeps shards whose bytes still match the manifest and whose sources are
+unchanged, and redoes the rest. config.json is removed when a run starts and written
 last, so a directory without it is visibly incomplete.
 """
 
@@ -81,26 +82,33 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
     if options.device.startswith("cuda") and not torch.cuda.is_available():
         raise ConversionError("--device cuda asked for, but torch sees no CUDA device")
     grid = grid_for_mode(options.scale_mode, options.mse_grid)
-    source = load_source(src)  # every check happens before DST is touched
+    source = load_source(src, options.progress)  # every check happens before DST is touched
     dst = Path(dst)
     fingerprint = _fingerprint(source, options)
     manifest = _prepare_dst(Path(src), dst, options, fingerprint)
     result = ConvertResult(dst)
+    stamps = {f: _stamp(source.root / f) for f in source.shards}
     todo = []
     for file in source.shards:
         entry = manifest["shards"].get(file)
-        if entry and (dst / file).exists() and _sha256(dst / file) == entry["sha256"]:
+        if (entry and entry.get("sources") and all(stamps.get(f) == s for f, s in entry["sources"].items())
+                and (dst / file).exists() and _sha256(dst / file) == entry["sha256"]):
             result.skipped.append(file)
         else:
             manifest["shards"].pop(file, None)
             todo.append(file)
-    jobs = [_job(source, dst, file, options, grid) for file in todo]
+    jobs = {file: _job(source, dst, file, options, grid) for file in todo}
     total = sum((Path(src) / f).stat().st_size for f in todo)
+
+    def record(file: str, entry: dict) -> None:
+        # The source shards it was made from, as they were: --resume redoes it if one changed.
+        entry["sources"] = {f: stamps[f] for f in sorted(set(jobs[file].inputs.values()))}
+        manifest["shards"][file] = entry
+        _write_manifest(dst, manifest)
+        result.converted.append(file)
+
     with _progress(options, total, len(todo)) as bar:
-        for file, entry in _run(jobs, options, bar):
-            manifest["shards"][file] = entry
-            _write_manifest(dst, manifest)
-            result.converted.append(file)
+        _run(list(jobs.values()), options, bar, record)
     _finish(source, dst, manifest, options, grid, result)
     result.seconds = time.monotonic() - t0
     result.peak_rss_bytes = _peak_rss()
@@ -143,6 +151,12 @@ def _write_manifest(dst: Path, manifest: dict) -> None:
     write_file_atomic(dst / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode())
 
 
+def _stamp(path: Path) -> list[int]:
+    """Size and modification time of a source shard (hashing ~160 GB on every resume is too slow)."""
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -177,20 +191,32 @@ def _job(source: Source, dst: Path, file: str, options: ConvertOptions, grid) ->
                 options.device, threads)
 
 
-def _run(jobs: list[_Job], options: ConvertOptions, bar):
+def _run(jobs: list[_Job], options: ConvertOptions, bar, record) -> None:
+    """Convert every job's shard, calling record(file, entry) as each one is written."""
     if options.workers <= 1 or len(jobs) <= 1:
         for job in jobs:
-            yield job.file, convert_shard(job, bar)
+            record(job.file, convert_shard(job, bar))
         return
     ctx = get_context("spawn")  # CUDA and torch threads do not survive fork
+    failure = None
     with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx) as pool:
         futures = {pool.submit(convert_shard, job): job for job in jobs}
         for fut in as_completed(futures):
             job = futures[fut]
-            entry = fut.result()
+            try:
+                entry = fut.result()
+            except BaseException as e:  # a shard failed (or was cancelled after one did)
+                if failure is None:
+                    # Start no more shards; those already running finish and are recorded
+                    # below, so that --resume keeps them. Then the first failure is raised.
+                    failure = e
+                    pool.shutdown(wait=False, cancel_futures=True)
+                continue
             if bar is not None:
                 bar.update(Path(job.src, job.file).stat().st_size)
-            yield job.file, entry
+            record(job.file, entry)
+    if failure is not None:
+        raise failure
 
 
 _QUANTIZERS: dict = {}
@@ -201,7 +227,7 @@ def convert_shard(job: _Job, bar=None) -> dict:
     torch.set_num_threads(job.threads)
     layout = native_tensors(job.config)
     readers = {f: ShardReader(Path(job.src) / f) for f in sorted(set(job.inputs.values()))}
-    specs = {n: output_spec(n, layout, job.dense) for n in job.names}
+    specs = {n: output_spec(n, layout, job.dense, readers[job.inputs[n]].tensors[n].dtype) for n in job.names}
     out_path = Path(job.dst) / job.file
     writer = ShardWriter(out_path, specs)
     stats: quality.Stats = {}
@@ -291,8 +317,8 @@ def _finish(source: Source, dst: Path, manifest: dict, options: ConvertOptions, 
     _copy_other_files(source.root, dst)
     layout = source.layout
     total = 0
-    for name in source.weight_map:
-        code, shape = output_spec(name, layout, options.dense_int8)
+    for name, file in source.weight_map.items():
+        code, shape = output_spec(name, layout, options.dense_int8, source.readers[file].tensors[name].dtype)
         total += DTYPES[code][1] * math.prod(shape)
     index = {"metadata": {"total_size": total}, "weight_map": source.weight_map}
     write_file_atomic(dst / INDEX, (json.dumps(index, indent=2) + "\n").encode())

@@ -34,6 +34,7 @@ significant bits); an infinite term makes err infinite.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Sequence
@@ -57,10 +58,10 @@ _LIMB_BITS = 19  # a group's sum of 32 limbs below 2^19 stays below 2^24: exact 
 
 
 def divisor_grid(start: float, stop: float, step: float) -> tuple[float, ...]:
-    """The fp32 divisors start, start+step, ..., stop (inclusive), ascending."""
+    """The fp32 divisors start, start+step, ... up to stop (inclusive when on the grid), ascending."""
     if step <= 0 or stop < start:
         raise ConversionError(f"bad divisor grid {start}:{stop}:{step}: need step > 0 and stop >= start")
-    n = int(round((stop - start) / step)) + 1
+    n = math.floor((stop - start) / step * (1 + 1e-12)) + 1  # 1:16:0.1 is 150.0 steps, not 149.99...
     grid = tuple(float(torch.tensor(start + i * step, dtype=torch.float32)) for i in range(n))
     if grid[0] < DIVISOR_RANGE[0] or grid[-1] > DIVISOR_RANGE[1]:
         raise ConversionError(f"divisor grid {grid[0]}..{grid[-1]} leaves [{DIVISOR_RANGE[0]}, {DIVISOR_RANGE[1]}]")

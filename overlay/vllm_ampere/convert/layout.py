@@ -136,8 +136,9 @@ def _compressor(b: _Builder, p: str, ratio: int, head_dim: int, hidden: int) -> 
     b.keep(p + "norm.weight", "BF16", head_dim)
 
 
-def output_spec(name: str, tensors: dict[str, NativeTensor], dense: str) -> tuple[str, Shape]:
-    """(dtype, shape) that dsv4_int writes for native tensor `name` (SPEC section 2)."""
+def output_spec(name: str, tensors: dict[str, NativeTensor], dense: str, source_dtype: str) -> tuple[str, Shape]:
+    """(dtype, shape) that dsv4_int writes for native tensor `name` (SPEC section 2); a tensor
+    kept unchanged keeps the dtype it has in the source (`source_dtype`: tid2eid is I64 or I32)."""
     t = tensors[name]
     if t.kind == "expert":
         return "I8", t.shape
@@ -148,7 +149,7 @@ def output_spec(name: str, tensors: dict[str, NativeTensor], dense: str) -> tupl
     if t.kind == "fp8_scale":
         n, k = tensors[t.weight_name].shape
         return "BF16", ((n,) if dense == "channel" else block_grid(n, k))
-    return t.dtypes[0], t.shape
+    return source_dtype, t.shape
 
 
 _CLASS_RE = re.compile(r"^(layers|mtp)\.\d+\.|\.weight$")

@@ -10,6 +10,7 @@ byte-identical files. The files are plain safetensors: any reader loads them.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import math
@@ -170,7 +171,10 @@ class ShardWriter:
             raise _disk_error(e, self.path) from None
 
     def abort(self) -> None:
-        self.file.close()
+        # close() flushes the buffered tail first; on a full disk that fails again, and the
+        # error being reported is the first one. The file is closed either way.
+        with contextlib.suppress(OSError):
+            self.file.close()
         self.tmp.unlink(missing_ok=True)
 
     def _write(self, data) -> None:

@@ -3,19 +3,22 @@
 Everything the converter will rely on is checked here, and each failure names the file and
 tensor: config.json is a native DeepSeek-V4-Flash; every shard header parses and fits its file;
 the index and the shard headers agree; the tensor set is exactly what config.json implies (no
-unknown tensor, no missing weight or scale); dtypes and shapes match; no e8m0 scale byte is 255.
+unknown tensor, no missing weight or scale); dtypes and shapes match; no e8m0 scale byte is 255
+and no FP8 weight byte is an e4m3 NaN. (A finite code times a large scale can still leave fp32's
+range; the converter finds that while decoding, and names the tensor.)
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from .codecs import E8M0_NAN
+from .codecs import E4M3_NAN_BITS, E8M0_NAN
 from .errors import ConversionError
 from .layout import NativeTensor, native_tensors
 from .safetensors_io import ShardReader
@@ -45,8 +48,9 @@ class Source:
         return hashlib.sha256(self.index_bytes).hexdigest()
 
 
-def load_source(root: str | Path) -> Source:
-    """Parse and validate the whole native checkpoint at `root`; raises ConversionError."""
+def load_source(root: str | Path, progress: bool = False) -> Source:
+    """Parse and validate the whole native checkpoint at `root`; raises ConversionError.
+    `progress`: a tqdm bar over the bytes whose values are checked (scales, FP8 weights)."""
     root = Path(root)
     config_bytes = _read(root / CONFIG)
     config = _json(config_bytes, CONFIG)
@@ -63,6 +67,7 @@ def load_source(root: str | Path) -> Source:
     readers = {f: ShardReader(root / f) for f in sorted(set(weight_map.values()))}
     src = Source(root, config, config_bytes, index_bytes, dict(sorted(weight_map.items())), layout, readers)
     _check_tensors(src)
+    _check_values(src, progress)
     return src
 
 
@@ -126,11 +131,24 @@ def _check_tensors(src: Source) -> None:
         if t.kind.endswith("_scale") and t.weight_name in src.weight_map:
             raise ConversionError(f"missing scale of {t.weight_name}", file=src.weight_map[t.weight_name], tensor=name)
         raise ConversionError("missing tensor: config.json implies it, the index lacks it", file=INDEX, tensor=name)
-    for name, t in src.layout.items():
-        if t.kind.endswith("_scale"):
+
+
+def _check_values(src: Source, progress: bool) -> None:
+    """No NaN byte in any scale or FP8 weight (about 15 GB of the full model's 160)."""
+    from tqdm import tqdm
+
+    checked = [(n, t) for n, t in src.layout.items() if t.kind.endswith("_scale") or t.kind == "fp8"]
+    total = sum(src.readers[src.weight_map[n]].tensors[n].nbytes for n, _ in checked)
+    with tqdm(total=total, unit="B", unit_scale=True, unit_divisor=1024, desc="checking scales and FP8 weights",
+              file=sys.stderr, dynamic_ncols=True, disable=not progress) as bar:
+        for name, t in checked:
             file = src.weight_map[name]
-            scale = src.readers[file].read_bytes(name)
-            if bool((scale == E8M0_NAN).any()):
-                at = int(torch.nonzero(scale == E8M0_NAN)[0])
-                pos = list(torch.unravel_index(torch.tensor(at), t.shape))
-                raise ConversionError(f"e8m0 scale byte 255 (NaN) at {[int(p) for p in pos]}", file=file, tensor=name)
+            raw = src.readers[file].read_bytes(name)
+            scale = t.kind.endswith("_scale")
+            nan = raw == E8M0_NAN if scale else (raw & E4M3_NAN_BITS) == E4M3_NAN_BITS
+            if bool(nan.any()):
+                at = int(torch.nonzero(nan)[0])
+                pos = [int(p) for p in torch.unravel_index(torch.tensor(at), t.shape)]
+                what = "e8m0 scale byte 255 (NaN)" if scale else f"e4m3 NaN byte 0x{int(raw[at]):02X}"
+                raise ConversionError(f"{what} at {pos}", file=file, tensor=name)
+            bar.update(raw.numel())
