@@ -88,6 +88,21 @@ def test_swa_builder_plans_without_flashmla():
     assert all(v is None for v in builder.build_tile_scheduler(0).values())
 
 
+def test_no_full_cuda_graphs_on_sm8x():
+    """Our builders keep vLLM from capturing the torch compressor/indexer (host reads) in a full
+    CUDA graph: with their NEVER, vLLM's default mode resolves to one without full decode graphs."""
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    attn = backend.DeepseekV4AmpereAttention
+    for b in (attn.backend_cls, attn.swa_backend_cls):
+        assert b.get_builder_cls().get_cudagraph_support(None, None) is AttentionCGSupport.NEVER
+    for mode in (CompilationMode.VLLM_COMPILE, CompilationMode.NONE):
+        cfg = CompilationConfig(mode=mode, cudagraph_mode=CUDAGraphMode.FULL_AND_PIECEWISE)
+        resolved = cfg.resolve_cudagraph_mode_and_sizes(AttentionCGSupport.NEVER, "VLLM_AMPERE_SPARSE_DSV4")
+        assert resolved.decode_mode() is not CUDAGraphMode.FULL and resolved.mixed_mode() is not CUDAGraphMode.FULL
+
+
 def _paged(num_blocks, block_size, gen):
     stride = block_size * ref.TOKEN_BYTES + 576
     cache = torch.zeros(num_blocks * stride, dtype=torch.uint8).as_strided(

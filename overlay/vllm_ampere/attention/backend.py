@@ -10,7 +10,12 @@ layer (projections, caches, metadata, prefill chunking) and changes what cannot 
 - decode / prefill / prefill KV gather: routed on sm8x to vllm_ampere.ops.flashmla and
   attention/kv_gather.py by the patches attn_flashmla_*;
 - `_o_proj`: attention/o_proj.py instead of DeepGEMM's FP8 einsum;
-- the attention input preparation (compressor, indexer query) runs in the eager region.
+- the attention input preparation (compressor, indexer query) runs in the eager region;
+- no full CUDA graphs: the sm8x compressor and indexer are torch code that reads the GPU from
+  the host and has data-dependent shapes (nonzero, .cpu(), int()), which stream capture refuses.
+  Our builders declare AttentionCGSupport.NEVER, so vLLM 0.32.0 lowers its default
+  FULL_AND_PIECEWISE to PIECEWISE, or NONE where attention is not compiled piecewise
+  (CompilationConfig.resolve_cudagraph_mode_and_sizes) instead of capturing them.
 
 patches/attn_select_dsv4_class.py makes the model pick this class on sm8x and refuse below
 sm_80 with a message naming the GPU.
@@ -29,8 +34,9 @@ from vllm.models.deepseek_v4.nvidia.flashmla import (
     DeepseekSparseSWAFlashMLAMetadataBuilder,
     DeepseekV4FlashMLAAttention,
 )
-from vllm.models.deepseek_v4.sparse_mla import DeepseekV4FlashMLABackend
+from vllm.models.deepseek_v4.sparse_mla import DeepseekV4FlashMLABackend, DeepseekV4FlashMLAMetadataBuilder
 from vllm.platforms.interface import DeviceCapability
+from vllm.v1.attention.backend import AttentionCGSupport
 from vllm.v1.attention.backends.mla.sparse_swa import (
     _LAYER_TYPE_C1A,
     _LAYER_TYPE_C2A,
@@ -63,7 +69,15 @@ def check_capability(capability: DeviceCapability | None) -> None:
             "and no cp.async, which both the stock FlashMLA kernels and vllm_ampere's need")
 
 
+class DeepseekV4AmpereMetadataBuilder(DeepseekV4FlashMLAMetadataBuilder):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER  # see the module doc
+
+
 class DeepseekV4AmpereSparseBackend(DeepseekV4FlashMLABackend):
+    @staticmethod
+    def get_builder_cls() -> type[DeepseekV4AmpereMetadataBuilder]:
+        return DeepseekV4AmpereMetadataBuilder
+
     @staticmethod
     def get_name() -> str:
         # Not FLASHMLA_SPARSE_DSV4: stock warmups keyed on that name compile Hopper kernels.
@@ -83,6 +97,8 @@ class FixedSplitPlan:
 
 
 class DeepseekSparseSWAAmpereMetadataBuilder(DeepseekSparseSWAFlashMLAMetadataBuilder):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER  # see the module doc
+
     def build_tile_scheduler(self, num_decode_tokens: int) -> dict[str, FixedSplitPlan | None]:
         # Same keys and None-when-no-decodes contract as the stock method, without calling
         # FlashMLA's get_mla_metadata (missing or sm90-only in builds for Ampere).
