@@ -93,6 +93,12 @@ def test_ray_and_node_scripts():
     assert "lmcache.v1.multiprocess.http_server" in head_script
     assert "vllm serve" in head_script and "/var/log/vllm-ampere/vllm-serve.log" in head_script
     assert "vllm serve" not in worker_script and "http_server" not in worker_script
+    # LMCache on a worker: started and healthy before `ray start --block`, which never returns.
+    moved = plan(cluster(lmcache={"node": "c"}))
+    lines = moved.node_script(moved.cluster.nodes[2]).splitlines()
+    order = [next(i for i, line in enumerate(lines) if key in line)
+             for key in ("http_server", "http://10.0.0.3:6556/healthcheck", "ray start")]
+    assert order == sorted(order) and "--block" in lines[order[2]]
     argv = p.lmcache_argv("python3")
     for flag, value in [("--host", "10.0.0.1"), ("--port", "6555"), ("--http-port", "6556"),
                         ("--eviction-policy", "LRU"),

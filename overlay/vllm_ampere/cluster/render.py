@@ -98,9 +98,12 @@ class LaunchPlan:
         log = Path(c.log_dir)
         lines = [f"# node {node.name} ({node.address}, {node.gpus} GPU)"]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.node_env(node).items()]
-        lines.append(shlex.join(self.ray_start_argv(node)))
-        if lmcache.runs_on(c, node):
+        if lmcache.runs_on(c, node):  # first: a worker's `ray start --block` never returns
+            url = f"http://{node.address}:{c.lmcache.http_port}/healthcheck"
+            probe = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)"
             lines.append(f"{shlex.join(self.lmcache_argv())} > {log / 'lmcache.log'} 2>&1 &")
+            lines.append(f"until python3 -c {shlex.quote(probe)} {url} 2>/dev/null; do sleep 1; done")
+        lines.append(shlex.join(self.ray_start_argv(node)))
         if node == c.head:
             lines.append(f"{shlex.join(self.serve_argv())} 2>&1 | tee {log / 'vllm-serve.log'}")
         return "\n".join(lines)
