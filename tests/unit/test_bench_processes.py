@@ -15,7 +15,7 @@ import pytest
 
 from vllm_ampere.bench.matrix import MatrixRow
 from vllm_ampere.bench.processes import Server, find_oom, start_owned, stop_owned, tail
-from vllm_ampere.bench.runner import client_command
+from vllm_ampere.bench.runner import client_command, shortfall
 
 # A parent with two children: one frozen (SIGSTOP), one that ignores SIGTERM; the parent
 # ignores SIGTERM too when asked, so only SIGKILL ends it.
@@ -78,6 +78,36 @@ def test_stop_owned_after_the_process_exited(tmp_path):
     assert stop_owned(proc) == []
 
 
+# A "vllm serve" that starts a long-lived child (as the engine core and workers are) and dies.
+DIES_LEAVING_A_CHILD = ("import subprocess, sys, time; "
+                        "p = subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(600)']); "
+                        "print('child', p.pid, flush=True); time.sleep(0.5); sys.exit(3)")
+
+
+def _children_in(log: Path) -> list[psutil.Process]:
+    return [psutil.Process(int(line.split()[1])) for line in log.read_text().splitlines() if line.startswith("child ")]
+
+
+def test_a_server_that_dies_leaves_nothing_running(tmp_path, monkeypatch):
+    from vllm_ampere.bench import processes
+
+    monkeypatch.setattr(processes, "vllm_command", lambda *args: [sys.executable, "-c", DIES_LEAVING_A_CHILD])
+    log = tmp_path / "serve.log"
+    server = Server(model="m", log_path=log, startup_timeout_s=30)
+    # Died during a row: what it started is stopped before the restart.
+    server.proc = start_owned([sys.executable, "-c", DIES_LEAVING_A_CHILD], log)
+    server.proc.wait()
+    (first,) = _children_in(log)
+    assert first.is_running()
+    # Died while starting: the same.
+    with pytest.raises(processes.ServerError, match="exited while starting"):
+        server.start(progress=lambda _: None)
+    kids = _children_in(log)
+    assert len(kids) == 2 and server.proc is None
+    gone, alive = psutil.wait_procs(kids, timeout=10)
+    assert not alive
+
+
 def test_oom_and_tail_read_from_an_offset(tmp_path):
     log = tmp_path / "server.log"
     log.write_text("old line\n(Worker_PP9 pid=7) torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 114.00 MiB\n")
@@ -120,3 +150,31 @@ def test_server_arguments():
     assert Server(base_url="http://h:1/").base_url == "http://h:1"
     with pytest.raises(ValueError, match="either base_url"):
         Server()
+
+
+def test_shortfall_names_failed_requests_and_short_streams():
+    row = MatrixRow("32k", 32256, 2, 512)
+    ok = {"completed": 2, "failed": 0, "output_lens": [512, 512], "errors": ["", ""]}
+    assert shortfall(row, ok) is None
+    # vLLM's client: a failed request has output length 0 and its traceback in errors.
+    failed = {"completed": 1, "failed": 1, "output_lens": [0, 512],
+              "errors": ["Traceback (most recent call last):\naiohttp.ClientPayloadError: Response payload is not completed", ""]}
+    assert shortfall(row, failed) == "1 of 2 request(s) failed: aiohttp.ClientPayloadError: Response payload is not completed"
+    cut = {"completed": 2, "failed": 0, "output_lens": [512, 100], "errors": ["", ""]}
+    assert shortfall(row, cut) == "1 of 2 stream(s) ended early: [100] of 512 tokens"
+    both = {"completed": 1, "failed": 1, "output_lens": [0, 7], "errors": ["x\nboom", ""]}
+    assert shortfall(row, both) == "1 of 2 request(s) failed: boom; 1 of 2 stream(s) ended early: [7] of 512 tokens"
+
+
+def test_a_start_failure_is_not_blamed_on_an_earlier_oom(tmp_path, monkeypatch):
+    from vllm_ampere.bench import processes
+    from vllm_ampere.bench.runner import WatchConfig, run_matrix
+
+    log = tmp_path / "serve.log"
+    log.write_text("torch.OutOfMemoryError: CUDA out of memory (an earlier row)\n")
+    monkeypatch.setattr(processes, "vllm_command",
+                        lambda *args: [sys.executable, "-c", "raise SystemExit('bad argument')"])
+    server = Server(model="m", log_path=log, startup_timeout_s=30)
+    (res,) = run_matrix([MatrixRow("1k", 1000, 1, 16)], server, tmp_path, WatchConfig())
+    assert res.result == "failed" and res.reason == "vllm serve did not start"
+    assert any("bad argument" in line for line in res.log_tail)

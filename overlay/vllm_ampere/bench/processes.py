@@ -198,6 +198,7 @@ class Server:
     def start(self, progress=print) -> None:
         """Start `vllm serve` and wait until /health answers 200; raise ServerError if it dies."""
         assert self.owned and self.log_path is not None
+        self.stop()  # a server that died by itself may leave its engine and workers running
         cmd = vllm_command(
             "serve", self.model, "--host", self._host, "--port", str(self._port), *self.serve_args
         )
@@ -212,7 +213,7 @@ class Server:
         if not wait_ready(self.proc, lambda: http_ok(health, timeout_s=2), self.startup_timeout_s):
             if self.proc.poll() is not None:
                 lines = "\n".join(tail(self.log_path, 30, offset))
-                self.proc = None
+                self.stop()  # what it started may outlive it
                 raise ServerError(f"vllm serve exited while starting; {self.log_path}:\n{lines}")
             self.stop()
             raise ServerError(

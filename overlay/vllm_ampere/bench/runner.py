@@ -8,6 +8,7 @@ its own process group in every case, so a row never hangs.
 
 from __future__ import annotations
 
+import itertools
 import json
 import subprocess
 import time
@@ -140,6 +141,27 @@ def _request_errors(data: dict) -> str:
     return "; ".join(errors[:3])
 
 
+def shortfall(row: MatrixRow, data: dict) -> str | None:
+    """Why the requests of vLLM's result JSON `data` fall short of the row, or None when every
+    one of them brought its tokens. vLLM's client counts a stream that the server cut short (an
+    error chunk after a 200, as when the engine dies) as a success; with --ignore-eos every
+    request must bring exactly the asked number of tokens. A failed request's output_lens entry
+    is 0 and its errors entry says why (vllm/benchmarks/serve.py, calculate_metrics)."""
+    errors = data.get("errors") or []
+    lens = data.get("output_lens") or []
+    short = [n for n, e in itertools.zip_longest(lens, errors[: len(lens)]) if not e and n != row.output_tokens]
+    failed, completed = int(data.get("failed", 0)), int(data.get("completed", 0))
+    why = []
+    if failed:
+        detail = _request_errors(data)
+        why.append(f"{failed} of {row.concurrency} request(s) failed" + (f": {detail}" if detail else ""))
+    if short:
+        why.append(f"{len(short)} of {row.concurrency} stream(s) ended early: {short} of {row.output_tokens} tokens")
+    if not why and completed != row.concurrency:
+        why.append(f"{completed} of {row.concurrency} request(s) completed")
+    return "; ".join(why) or None
+
+
 def run_row(
     row: MatrixRow,
     server: Server,
@@ -201,21 +223,10 @@ def run_row(
         data = json.loads(result_path.read_text())
         res.result_json = str(result_path)
         _from_result_json(res, data)
-        # vLLM's client counts a stream that the server cut short (an error chunk after a
-        # 200, as when the engine dies) as a success; with --ignore-eos every request must
-        # bring exactly the asked number of tokens.
-        short = [n for n in data.get("output_lens") or [] if n != row.output_tokens]
-        if res.completed == row.concurrency and res.failed_requests == 0 and not short and res.ttft_mean_s:
-            if not server.owned or server.alive():
-                res.result = "pass"
-                return res
-        if short:
-            res.reason = f"{len(short)} of {row.concurrency} stream(s) ended early: {short} of {row.output_tokens} tokens"
-        elif res.failed_requests:
-            errors = _request_errors(data)
-            res.reason = f"{res.failed_requests} of {row.concurrency} request(s) failed" + (f": {errors}" if errors else "")
-        else:
-            res.reason = f"{res.completed} of {row.concurrency} request(s) completed"
+        res.reason = shortfall(row, data) or (None if res.ttft_mean_s else "no TTFT in vLLM's result")
+        if res.reason is None and (not server.owned or server.alive()):
+            res.result = "pass"
+            return res
         if server.owned and server.proc is not None:
             try:  # a dying server cuts the streams first and exits a moment later
                 server.proc.wait(timeout=10)
@@ -260,11 +271,13 @@ def run_matrix(
     results: list[RowResult] = []
     model_id = None
     start_error: ServerError | None = None  # the same arguments would fail again: no retry
+    start_log = 0  # where the failed start's lines begin in the server log
     try:
         for i, row in enumerate(rows, 1):
             if server.owned and not server.alive() and start_error is None:
                 if server.starts:
                     say("vllm serve is down: restarting it for the next row")
+                start_log = server.log_offset()
                 try:
                     server.start(progress=say)
                 except ServerError as e:
@@ -272,7 +285,7 @@ def run_matrix(
             if start_error is not None:
                 res = RowResult.failed(row, "vllm serve did not start")
                 res.log_tail = str(start_error).splitlines()[-30:]
-                if find_oom(server.log_path):
+                if find_oom(server.log_path, start_log):
                     res.result = "oom"
                 say(f"[{i}/{len(rows)}] {row.context} C={row.concurrency}: {res.result} ({res.reason})")
                 results.append(res)
