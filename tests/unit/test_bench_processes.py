@@ -178,3 +178,33 @@ def test_a_start_failure_is_not_blamed_on_an_earlier_oom(tmp_path, monkeypatch):
     (res,) = run_matrix([MatrixRow("1k", 1000, 1, 16)], server, tmp_path, WatchConfig())
     assert res.result == "failed" and res.reason == "vllm serve did not start"
     assert any("bad argument" in line for line in res.log_tail)
+
+
+def test_a_running_servers_model_root_is_the_clients_tokenizer(tmp_path):
+    import http.server
+    import json
+    import threading
+
+    roots = iter([str(tmp_path), "/no/such/model"])
+
+    class Models(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # vLLM's /v1/models: the served name as id, the loaded path as root
+            body = json.dumps({"object": "list", "data": [{"id": "deepseek-v4-flash", "root": next(roots)}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        server = Server(base_url=f"http://127.0.0.1:{httpd.server_address[1]}")
+        assert server.model_root() == str(tmp_path)
+        assert server.model_root() is None  # a path this machine does not have: the client's default
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    assert server.model_root() is None  # not answering

@@ -103,7 +103,8 @@ def test_write_report_files(tmp_path):
                         metrics={"last": {"vllm:num_requests_running": 2.0, "vllm:generation_tokens_total": 1.0}})  # fmt: skip
     oom = RowResult("200k", 1, 199488, 512, "oom", reason="server log: torch.OutOfMemoryError: CUDA out of memory",
                     log_tail=["torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 114.00 MiB"])  # fmt: skip
-    results = [_measured("1k", 1, measured_input_tokens=1000.0), _measured(), stalled, oom]
+    results = [_measured("1k", 1, measured_input_tokens=1000.0, prefix_cache_hit_rate=0.0),
+               _measured(prefix_cache_hit_rate=0.5, external_prefix_cache_hit_rate=0.0), stalled, oom]
     paths = write_report(results, tmp_path, {"server": "http://127.0.0.1:8080"})
     data = json.loads(paths["json"].read_text())
     assert [r["result"] for r in data["rows"]] == ["pass", "pass", "stalled", "oom"]
@@ -114,6 +115,8 @@ def test_write_report_files(tmp_path):
     assert "| 200k | 1 | 199,488 | OOM | n/a |" in md
     assert "**16k C=2: stalled**" in md and '"vllm:num_requests_running": 2.0' in md
     assert "Tried to allocate 114.00 MiB" in md
+    assert ("hit rate of the prompt tokens (published rows: 0.0%): 1k C=1 0.0%, 16k C=1 50.0% (external 0.0%). "
+            "Rows with hits served part of their prompts from a cache") in md
     assert "![tpot](tpot.png)" in md and "![prefill](prefill.png)" in md
     for p in paths["plots"]:
         assert open(p, "rb").read(8) == b"\x89PNG\r\n\x1a\n"

@@ -7,7 +7,8 @@ import threading
 
 import pytest
 
-from vllm_ampere.bench.metrics import GENERATED, RUNNING, Sample, from_text, parse_prometheus, scrape
+from vllm_ampere.bench.metrics import (EXTERNAL_PREFIX_CACHE, GENERATED, PREFIX_CACHE, RUNNING, Sample, cache_counters,
+                                       from_text, hit_rate, parse_prometheus, scrape)
 from vllm_ampere.bench.processes import free_port
 from vllm_ampere.bench.watchdog import StallWatch
 
@@ -79,6 +80,32 @@ def test_scrape_over_http_and_a_closed_port():
         httpd.shutdown()
     s = scrape(f"http://127.0.0.1:{free_port()}", timeout_s=1)
     assert not s.ok and "Connection refused" in s.error
+
+
+# The prefix-cache counters as vLLM 0.32.0 exposes them (prometheus_client adds `_total`).
+CACHE_METRICS = """\
+vllm:prefix_cache_queries_total{{engine="0",model_name="tiny"}} {q}
+vllm:prefix_cache_queries_created{{engine="0",model_name="tiny"}} 1.7e+09
+vllm:prefix_cache_hits_total{{engine="0",model_name="tiny"}} {h}
+vllm:external_prefix_cache_queries_total{{engine="0",model_name="tiny"}} {q}
+vllm:external_prefix_cache_hits_total{{engine="0",model_name="tiny"}} {eh}
+"""
+
+
+def test_prefix_cache_hit_rate_between_two_readings():
+    import inspect
+
+    import vllm.v1.metrics.loggers as loggers
+
+    source = inspect.getsource(loggers)
+    for name in PREFIX_CACHE + EXTERNAL_PREFIX_CACHE:
+        assert f'name="{name.removesuffix("_total")}"' in source, f"vLLM no longer defines {name}"
+    read = lambda **v: parse_prometheus(CACHE_METRICS.format(**v), PREFIX_CACHE + EXTERNAL_PREFIX_CACHE)  # noqa: E731
+    before, after = read(q=1000, h=0, eh=0), read(q=5000, h=1000, eh=0)
+    assert hit_rate(before, after, PREFIX_CACHE) == 0.25 and hit_rate(before, after, EXTERNAL_PREFIX_CACHE) == 0.0
+    assert hit_rate(before, before, PREFIX_CACHE) is None  # nothing queried: prefix caching off
+    assert hit_rate({}, after, PREFIX_CACHE) is None  # a failed scrape
+    assert cache_counters(f"http://127.0.0.1:{free_port()}") == {}
 
 
 def _feed(watch: StallWatch, samples):

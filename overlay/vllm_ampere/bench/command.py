@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.metadata
+import random
 import shlex
 import sys
 import time
@@ -28,6 +29,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--startup-timeout", type=float, default=900.0, help="seconds for the started server to become healthy")
     parser.add_argument("--tokenizer", help="tokenizer for the client when the served name is not a loadable path")
     parser.add_argument("--bench-args", default="", help="extra `vllm bench serve` arguments, one string")
+    parser.add_argument("--seed", type=int, help="dataset seed base (default: a new one per run, so a rerun against "
+                        "the same server draws new prompts instead of prefix-cache hits; the report names it)")
     parser.add_argument("--server-log", type=Path, help="with --base-url: the server's log, read for OOM and last lines")
     parser.add_argument("--matrix", type=Path, default=DEFAULT_MATRIX, help="matrix CSV (default: benchmarks/matrix.csv)")
     parser.add_argument("--contexts", help="contexts to run: labels of the matrix, token counts or LABEL=TOKENS, comma-separated")
@@ -76,6 +79,7 @@ def run(args) -> int:
                         startup_timeout_s=args.startup_timeout)  # fmt: skip
     else:
         server = Server(base_url=args.base_url, log_path=args.server_log)
+    seed_base = args.seed if args.seed is not None else random.randrange(2**31)
     meta = {
         "server": server.base_url if not server.owned else f"vllm serve {args.model} {args.serve_args}".strip(),
         "vllm": importlib.metadata.version("vllm"),
@@ -86,16 +90,17 @@ def run(args) -> int:
             + [f"({len(rows)} rows)"]
         ),  # fmt: skip
         "stall timeout s": args.stall_timeout,
+        "dataset seed base": seed_base,
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     published = load_published()
     say(f"{len(rows)} row(s): " + ", ".join(f"{r.context} C={r.concurrency} out={r.output_tokens}" for r in rows))
-    # The client loads the tokenizer by the served model's name unless told; for a server
-    # started here that name may be a --served-model-name, so point it at the model itself.
-    tokenizer = args.tokenizer or args.model
+    # The client loads the tokenizer by the served model's name unless told; that name may be
+    # a --served-model-name, so point it at the model itself (a running server's from /v1/models).
+    tokenizer = args.tokenizer or args.model or server.model_root()
     results = run_matrix(
         rows, server, out, watch, tokenizer, shlex.split(args.bench_args),
-        on_row=lambda done: write_report(done, out, meta, published),
+        on_row=lambda done: write_report(done, out, meta, published), seed_base=seed_base,
     )  # fmt: skip
     paths = write_report(results, out, meta, published)
     print(markdown_table([measured_row(r) for r in results]))

@@ -17,6 +17,10 @@ WAITING = "vllm:num_requests_waiting"  # gauge: requests queued
 GENERATED = "vllm:generation_tokens_total"  # counter: tokens generated since start
 FINISHED = "vllm:request_success_total"  # counter by finished_reason (stop/length/abort/error)
 SERIES = (RUNNING, WAITING, GENERATED, FINISHED)
+# Counters of prompt tokens looked up in / served from vLLM's prefix cache and a KV connector's
+# (LMCache): the seed card's rows had 0.0% of both, so a row with hits is not comparable.
+PREFIX_CACHE = ("vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total")
+EXTERNAL_PREFIX_CACHE = ("vllm:external_prefix_cache_queries_total", "vllm:external_prefix_cache_hits_total")
 
 
 def parse_prometheus(text: str, names: tuple[str, ...] = SERIES) -> dict[str, float]:
@@ -68,6 +72,24 @@ def from_text(text: str, t: float) -> Sample:
     return Sample(
         t, values.get(RUNNING), values.get(WAITING), values[GENERATED], values.get(FINISHED)
     )
+
+
+def cache_counters(base_url: str, timeout_s: float = 5.0) -> dict[str, float]:
+    """The prefix-cache counters the server exposes now; empty when the scrape fails."""
+    try:
+        with urllib.request.urlopen(f"{base_url.rstrip('/')}/metrics", timeout=timeout_s) as r:
+            return parse_prometheus(r.read().decode("utf-8", "replace"), PREFIX_CACHE + EXTERNAL_PREFIX_CACHE)
+    except (urllib.error.URLError, OSError, ValueError):
+        return {}
+
+
+def hit_rate(before: dict[str, float], after: dict[str, float], series: tuple[str, str]) -> float | None:
+    """Hits / queries between two cache_counters() readings; None where unknown or nothing was queried."""
+    queries, hits = series
+    if not all(name in d for d in (before, after) for name in series):
+        return None
+    asked = after[queries] - before[queries]
+    return (after[hits] - before[hits]) / asked if asked > 0 else None
 
 
 def scrape(base_url: str, timeout_s: float = 5.0) -> Sample:

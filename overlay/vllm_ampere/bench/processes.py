@@ -226,10 +226,22 @@ class Server:
             stop_owned(self.proc)
             self.proc = None
 
-    def model_id(self) -> str:
-        """The first model the server lists (what `vllm bench serve --model` must name)."""
+    def _first_model(self) -> dict:
         with urllib.request.urlopen(f"{self.base_url}/v1/models", timeout=10) as r:
             data = json.load(r)["data"]
         if not data:
             raise ServerError(f"{self.base_url}/v1/models lists no model")
-        return data[0]["id"]
+        return data[0]
+
+    def model_id(self) -> str:
+        """The first model the server lists (what `vllm bench serve --model` must name)."""
+        return self._first_model()["id"]
+
+    def model_root(self) -> str | None:
+        """The path the server loaded its model from (/v1/models `root`), where that folder
+        exists here: the client's tokenizer when the served name is not a path."""
+        try:
+            root = self._first_model().get("root")
+        except (OSError, ValueError, KeyError, ServerError):
+            return None
+        return root if root and Path(root).is_dir() else None

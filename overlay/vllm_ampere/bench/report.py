@@ -120,6 +120,19 @@ def _details(results: list[RowResult]) -> list[str]:
     return out
 
 
+def _cache_hits(results: list[RowResult]) -> list[str]:
+    """Each row's prefix-cache hit rate, as the seed card gives it (its rows: 0.0%)."""
+    pct = lambda x: "n/a" if x is None else f"{x * 100:.1f}%"  # noqa: E731
+    cells = [f"{r.context} C={r.concurrency} {pct(r.prefix_cache_hit_rate)}"
+             + ("" if r.external_prefix_cache_hit_rate is None else f" (external {pct(r.external_prefix_cache_hit_rate)})")
+             for r in results if r.prefix_cache_hit_rate is not None or r.external_prefix_cache_hit_rate is not None]
+    if not cells:
+        return []
+    hit = any((r.prefix_cache_hit_rate or 0) > 0 or (r.external_prefix_cache_hit_rate or 0) > 0 for r in results)
+    warn = " Rows with hits served part of their prompts from a cache: their TTFT is not comparable." if hit else ""
+    return [f"Prefix-cache hit rate of the prompt tokens (published rows: 0.0%): {', '.join(cells)}.{warn}", ""]
+
+
 def render_markdown(results: list[RowResult], published: list[dict], meta: dict, plots: list[str]) -> str:
     parts = ["# Random-prefix serving benchmark", ""]
     parts += [f"- {k}: `{v}`" for k, v in meta.items()]
@@ -132,6 +145,7 @@ def render_markdown(results: list[RowResult], published: list[dict], meta: dict,
         "",
         markdown_table([measured_row(r) for r in results]),
         "",
+        *_cache_hits(results),
     ]
     comparison = comparison_table(results, published)
     parts += ["## Beside the published rows", ""]

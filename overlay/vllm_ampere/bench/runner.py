@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from vllm_ampere.bench.matrix import MatrixRow
-from vllm_ampere.bench.metrics import scrape
+from vllm_ampere.bench.metrics import EXTERNAL_PREFIX_CACHE, PREFIX_CACHE, cache_counters, hit_rate, scrape
 from vllm_ampere.bench.processes import (
     Server,
     ServerError,
@@ -68,6 +68,8 @@ class RowResult:
     seconds: float | None = None
     result_json: str | None = None
     client_log: str | None = None
+    prefix_cache_hit_rate: float | None = None  # share of the row's prompt tokens from vLLM's prefix cache
+    external_prefix_cache_hit_rate: float | None = None  # from a KV connector (LMCache)
     metrics: dict | None = None  # what the watchdog saw (stalled rows)
     log_tail: list[str] = field(default_factory=list)  # server log (failed/oom rows)
 
@@ -88,13 +90,15 @@ def client_command(
     result_filename: str,
     tokenizer: str | None = None,
     extra: list[str] = (),
+    seed_base: int = 0,
 ) -> list[str]:
     """`vllm bench serve` exactly as the seed ran it (seed card, "Command shape"), plus saving
     the result JSON (with per-request errors, so a failed row can say why) and a seed of the
     row's own: with the client's default seed every row draws the same first prompt offsets,
     so a longer row's prompts would start with a shorter row's and hit vLLM's prefix cache
     (the random dataset builds prompts as (offset + i) % vocab: vllm/benchmarks/datasets/
-    datasets.py, RandomDataset), which --random-prefix-len 0 is meant to rule out."""
+    datasets.py, RandomDataset), which --random-prefix-len 0 is meant to rule out. `seed_base`
+    (one per run) keeps a second run against the same server from replaying the first's prompts."""
     cmd = vllm_command(
         "bench", "serve",
         "--backend", "openai",
@@ -111,7 +115,7 @@ def client_command(
         "--ignore-eos",
         "--temperature", "0",
         "--percentile-metrics", "ttft,tpot,itl,e2el",
-        "--seed", str(zlib.crc32(row.name.encode())),
+        "--seed", str(zlib.crc32(f"{seed_base}/{row.name}".encode())),
         "--save-result", "--save-detailed",
         "--result-dir", str(result_dir),
         "--result-filename", result_filename,
@@ -170,6 +174,7 @@ def run_row(
     watch: WatchConfig,
     tokenizer: str | None = None,
     bench_args: list[str] = (),
+    seed_base: int = 0,
 ) -> RowResult:
     """Run one row to its end; the client is never left running."""
     res = RowResult.failed(row)
@@ -186,8 +191,9 @@ def run_row(
         res.reason = f"server at {server.base_url} is not running at the start of the row"
         return _finish_dead_server(res, server, log_start, t0)
 
-    cmd = client_command(row, server.base_url, model_id, rows_dir, result_path.name, tokenizer, bench_args)
+    cmd = client_command(row, server.base_url, model_id, rows_dir, result_path.name, tokenizer, bench_args, seed_base)
     client_log.write_text(" ".join(cmd) + "\n")
+    cache_before = cache_counters(server.base_url)
     client = start_owned(cmd, client_log)
     sw = StallWatch(watch.stall_timeout_s, watch.first_token_timeout(row))
     last_note = t0
@@ -223,6 +229,9 @@ def run_row(
         data = json.loads(result_path.read_text())
         res.result_json = str(result_path)
         _from_result_json(res, data)
+        cache_after = cache_counters(server.base_url)
+        res.prefix_cache_hit_rate = hit_rate(cache_before, cache_after, PREFIX_CACHE)
+        res.external_prefix_cache_hit_rate = hit_rate(cache_before, cache_after, EXTERNAL_PREFIX_CACHE)
         res.reason = shortfall(row, data) or (None if res.ttft_mean_s else "no TTFT in vLLM's result")
         if res.reason is None and (not server.owned or server.alive()):
             res.result = "pass"
@@ -265,6 +274,7 @@ def run_matrix(
     tokenizer: str | None = None,
     bench_args: list[str] = (),
     on_row=None,
+    seed_base: int = 0,
 ) -> list[RowResult]:
     """Run every row in order. An owned server is started first, restarted before a row when
     it died or after a stall (its stuck requests would hold the next row), and always stopped."""
@@ -298,7 +308,7 @@ def run_matrix(
                 f"[{i}/{len(rows)}] {row.context} C={row.concurrency}: input {row.input_tokens}, "
                 f"output {row.output_tokens}"
             )
-            res = run_row(row, server, model_id or "", out_dir, watch, tokenizer, bench_args)
+            res = run_row(row, server, model_id or "", out_dir, watch, tokenizer, bench_args, seed_base)
             say(f"[{i}/{len(rows)}] {row.context} C={row.concurrency}: {res.result}"
                 + (f" ({res.reason})" if res.reason else ""))
             results.append(res)
