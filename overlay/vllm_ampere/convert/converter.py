@@ -201,20 +201,24 @@ def _run(jobs: list[_Job], options: ConvertOptions, bar, record) -> None:
     failure = None
     with ProcessPoolExecutor(max_workers=options.workers, mp_context=ctx) as pool:
         futures = {pool.submit(convert_shard, job): job for job in jobs}
-        for fut in as_completed(futures):
-            job = futures[fut]
-            try:
-                entry = fut.result()
-            except BaseException as e:  # a shard failed (or was cancelled after one did)
-                if failure is None:
-                    # Start no more shards; those already running finish and are recorded
-                    # below, so that --resume keeps them. Then the first failure is raised.
-                    failure = e
-                    pool.shutdown(wait=False, cancel_futures=True)
-                continue
-            if bar is not None:
-                bar.update(Path(job.src, job.file).stat().st_size)
-            record(job.file, entry)
+        try:
+            for fut in as_completed(futures):
+                job = futures[fut]
+                try:
+                    entry = fut.result()
+                except BaseException as e:  # a shard failed (or was cancelled after one did)
+                    if failure is None:
+                        # Start no more shards; those already running finish and are recorded
+                        # below, so that --resume keeps them. Then the first failure is raised.
+                        failure = e
+                        pool.shutdown(wait=False, cancel_futures=True)
+                    continue
+                if bar is not None:
+                    bar.update(Path(job.src, job.file).stat().st_size)
+                record(job.file, entry)
+        except BaseException:  # Ctrl-C, or the manifest could not be written: start nothing more
+            pool.shutdown(wait=False, cancel_futures=True)
+            raise
     if failure is not None:
         raise failure
 
