@@ -2,10 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from types import SimpleNamespace
+
 import pytest
 import torch
 
 from vllm_ampere.cluster import memory
+from vllm_ampere.cluster.description import load_cluster
 from vllm_ampere.cluster.memory import GiB, Deployment, plan_memory
 from vllm_ampere.cluster.model import (
     ModelDims,
@@ -15,9 +19,11 @@ from vllm_ampere.cluster.model import (
     layer_weight_bytes,
 )
 from vllm_ampere.cluster.partition import partition_env, partition_layers
+from vllm_ampere.cluster.render import plan
 
 FLASH = ModelDims()
 CONTEXTS = {"16k": 16384, "64k": 65536, "200k": 204800}
+EXAMPLE = Path(__file__).resolve().parents[2] / "docker/cluster.example.yaml"
 
 
 def deployment(pp: int, ctx: int, **kw) -> Deployment:
@@ -64,9 +70,10 @@ def test_partition_and_fit(pp, ctx, monkeypatch):
     stages = plan_memory(FLASH, dep, part)
     problems = [p for s in stages for p in s.problems]
     if pp == 8:
-        # Six 3.5 GiB layers do not fit a 24 GiB card with anything else: refused, with numbers.
+        # Six 3.5 GiB layers leave no room on a 24 GiB card to repack one layer's experts while
+        # loading, whatever the context: refused, with numbers.
         assert problems and all("GiB" in p for p in problems)
-        assert any("does not fit 24.00 GiB" in p and "weights" in p for p in problems)
+        assert any("cannot load: weights" in p for p in problems)
     else:
         assert problems == [], problems
         assert all(s.free >= s.needs_free for s in stages)
@@ -80,11 +87,12 @@ def test_kv_and_transient_grow_with_the_context():
     for ctx in CONTEXTS.values():
         dep = deployment(10, ctx)
         stages = plan_memory(FLASH, dep, partition_layers(FLASH, dep, 10))
-        pools.append((stages[1].kv_full, stages[1].attention_transient))
+        pools.append((stages[1].kv_request, stages[1].attention_transient))
     assert pools == sorted(pools) and pools[0] < pools[-1]
-    # fp8_ds_mla: a ratio-4 layer stores 584 B per 4 tokens plus 132 B of indexer per 4.
-    per_token = memory.full_kv_bytes_per_token(FLASH, range(2, 4))
-    assert per_token == pytest.approx((37440 + 8640 + 1728) / 256)
+    # vLLM reserves the window caches for min((PP + 1) * 2048 + window - 1, max_model_len) tokens
+    # per request, in 4- and 8-token state blocks: at PP=10 they dwarf the context caches, so
+    # a request at 200k reserves less than 1.5 times one at 16k.
+    assert pools[-1][0] < 1.5 * pools[0][0]
 
 
 def test_seed_200k_case_is_explained_as_headroom_not_kv():
@@ -97,8 +105,10 @@ def test_seed_200k_case_is_explained_as_headroom_not_kv():
     assert last.problems, "a 0.99 budget leaves no headroom for the 200k attention transient"
     msg = last.problems[0]
     assert "stage 9" in msg and "attention transient at 204800 tokens" in msg
+    # Even vLLM's full reservation for one 200k request (0.9 GiB here, mostly window caches)
+    # is a small part of the 6.6 GiB pool that 0.99 * 24 GiB leaves.
     assert "KV cache is" in msg and last.kv_needed / last.kv_pool < 0.5
-    # The cap `render` uses instead leaves each stage gigabytes free.
+    # The cap `render` uses instead (1.4 GiB) leaves each stage gigabytes free.
     capped = plan_memory(FLASH, deployment(10, 204800), partition_layers(FLASH, dep, 10))
     assert not any(s.problems for s in capped) and min(s.free for s in capped) > 2 * GiB
 
@@ -118,28 +128,113 @@ def test_bad_partition_sizes():
         ModelDims.from_config({"compress_ratios": [0, 0, 8] + [4] * 41})
 
 
-def test_page_sizes_match_vllm_specs():
-    """Our page arithmetic against the pinned vLLM's own KV cache spec classes, built with
-    the arguments DeepseekV4 attention, indexer, compressor and SWA cache pass."""
-    from vllm.v1.kv_cache_interface import MLAAttentionSpec, SlidingWindowMLASpec
+@pytest.fixture(scope="module")
+def deepseek_v4_specs() -> list[dict]:
+    """Every layer's KV cache specs as DeepSeek-V4's own cache modules register them under
+    `--kv-cache-dtype fp8` with its 256-token blocks: the reference for the fit."""
+    from vllm.config import CacheConfig, VllmConfig, set_current_vllm_config
+    from vllm.models.deepseek_v4.attention import (
+        DeepseekV4Attention,
+        DeepseekV4IndexerCache,
+        _resolve_dsv4_kv_cache_dtype,
+    )
+    from vllm.models.deepseek_v4.compressor import CompressorStateCache
+    from vllm.v1.attention.backends.mla.sparse_swa import DeepseekV4SWACache
 
-    def mla(head, ratio, content=None):
-        return MLAAttentionSpec(block_size=256, num_kv_heads=1, max_tp_shards=1, head_size=head,
-                                dtype=torch.uint8, tokens_per_state=ratio, alignment=576,
-                                cache_dtype_str="fp8_ds_mla", model_version="deepseek_v4",
-                                state_content_bytes=content)
+    cache = CacheConfig(block_size=256, cache_dtype="fp8")
+    config = VllmConfig(cache_config=cache)
+    kv_dtype, torch_dtype = _resolve_dsv4_kv_cache_dtype(True, cache.cache_dtype, cache)
+    assert cache.cache_dtype == "fp8_ds_mla" and cache.block_size == 256
 
-    for r in (4, 128):
-        assert mla(512, r, 584).page_size_bytes == memory.compressed_page_bytes(r)
-    assert mla(132, 4).page_size_bytes == memory.indexer_page_bytes()
-    swa = SlidingWindowMLASpec(block_size=64, num_kv_heads=1, max_tp_shards=1, head_size=512,
-                               dtype=torch.uint8, sliding_window=128, state_content_bytes=584,
-                               alignment=576, cache_dtype_str="fp8_ds_mla",
-                               model_version="deepseek_v4")
-    assert swa.page_size_bytes == memory.common_page_bytes()
-    state = SlidingWindowMLASpec(block_size=4, num_kv_heads=1, max_tp_shards=1, head_size=2048,
-                                 dtype=torch.float32, sliding_window=8, alignment=576)
-    assert state.page_size_bytes <= memory.common_page_bytes()  # padded up to it by vLLM
+    def layer(i: int) -> dict:
+        r, p, d = FLASH.ratios[i], f"model.layers.{i}.attn", FLASH.head_dim
+        modules = {}
+        if r == 4:  # the indexer: fp8 K + one fp32 scale per 128, its compressor (head 128)
+            ih = FLASH.index_head_dim
+            modules[f"{p}.indexer.k_cache"] = DeepseekV4IndexerCache(
+                head_dim=ih + ih // 128 * 4, dtype=torch.uint8, prefix=f"{p}.indexer.k_cache",
+                cache_config=cache, compress_ratio=r)
+            modules[f"{p}.indexer.compressor.state_cache"] = CompressorStateCache(
+                state_dim=2 * 2 * ih, dtype=torch.float32, compress_ratio=r,
+                prefix=f"{p}.indexer.compressor.state_cache")
+        modules[f"{p}.swa_cache"] = DeepseekV4SWACache(
+            head_dim=d, window_size=FLASH.sliding_window, dtype=torch_dtype,
+            prefix=f"{p}.swa_cache", cache_config=cache)
+        specs = {name: m.get_kv_cache_spec(config) for name, m in modules.items()}
+        if r > 1:
+            attn = SimpleNamespace(compress_ratio=r, kv_cache_dtype=kv_dtype, head_dim=d,
+                                   kv_cache_torch_dtype=torch_dtype)
+            specs[p] = DeepseekV4Attention.get_kv_cache_spec(attn, config)
+            state = CompressorStateCache(state_dim=2 * (2 if r == 4 else 1) * d,
+                                         dtype=torch.float32, compress_ratio=r,
+                                         prefix=f"{p}.compressor.state_cache")
+            specs[f"{p}.compressor.state_cache"] = state.get_kv_cache_spec(config)
+        return specs
+
+    with set_current_vllm_config(config):
+        return [layer(i) for i in range(FLASH.num_hidden_layers)]
+
+
+def test_kv_specs_are_deepseek_v4s(deepseek_v4_specs):
+    """The specs the fit sizes with are the modules' own, field for field and in order."""
+    for i in (0, 2, 3, 42):  # SWA only, ratio 4, ratio 128, the last layer (ratio 4)
+        ours = memory.layer_kv_cache_specs(FLASH, i)
+        assert list(ours.items()) == list(deepseek_v4_specs[i].items()), f"layer {i}"
+
+
+def vllm_max_concurrency(dep: Deployment, partition: list[int], pool: int,
+                         specs: list[dict]) -> float:
+    """What vLLM's engine core reports at startup for `pool` bytes per GPU: every stage's KV
+    cache config (v1/core/kv_cache_utils.py get_kv_cache_configs), then the requests of
+    max_model_len its blocks hold (get_max_concurrency_for_kv_cache_config)."""
+    from vllm.config import VllmConfig
+    from vllm.v1.core.kv_cache_utils import (
+        get_kv_cache_configs,
+        get_max_concurrency_for_kv_cache_config,
+    )
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    ns = SimpleNamespace
+    config = ns(
+        # `vllm serve` with PP: async scheduling on the V2 model runner, the hybrid manager on.
+        scheduler_config=ns(async_scheduling=True, disable_hybrid_kv_cache_manager=False,
+                            max_num_batched_tokens=dep.max_num_batched_tokens),
+        use_v2_model_runner=True,
+        parallel_config=ns(pipeline_parallel_size=dep.pipeline_parallel_size,
+                           tensor_parallel_size=1, decode_context_parallel_size=1),
+        model_config=ns(max_model_len=dep.max_model_len, original_max_model_len=dep.max_model_len),
+        cache_config=ns(get_resolved_kv_cache_layout=lambda: KVCacheLayout.BLHNC,
+                        num_gpu_blocks_override=None, prefix_cache_retention_interval=None),
+        attention_config=ns(hisparse_config=None),
+        speculative_config=None,
+        num_prefill_lookahead_tokens=0,
+    )
+    config.max_concurrent_batches = VllmConfig.max_concurrent_batches.fget(config)
+    config.max_in_flight_tokens = VllmConfig.max_in_flight_tokens.fget(config)
+    starts = [sum(partition[:i]) for i in range(len(partition))]
+    workers = [{name: spec for layer in specs[a:a + n] for name, spec in layer.items()}
+               for a, n in zip(starts, partition)]
+    configs = get_kv_cache_configs(config, workers, [pool] * len(workers))
+    return min(get_max_concurrency_for_kv_cache_config(config, c) for c in configs)
+
+
+@pytest.mark.parametrize("concurrency", [1, 2, 4])
+@pytest.mark.parametrize("ctx", list(CONTEXTS.values()), ids=list(CONTEXTS))
+def test_vllm_admits_the_planned_concurrency(ctx, concurrency, deepseek_v4_specs):
+    """The example cluster's rendered `--kv-cache-memory-bytes`, sized by vLLM's own startup
+    code, holds `concurrency` requests of max_model_len on every stage. At PP=10 a request
+    reserves about 1 GiB (1.5 on five-layer stages), mostly window caches (see memory.py):
+    four of them past 16k no longer fit beside five layers' weights, which the plan says."""
+    cluster = load_cluster(EXAMPLE).model_copy(
+        update={"context_length": ctx, "concurrency": concurrency})
+    p = plan(cluster)
+    argv = p.serve_argv()
+    pool = int(argv[argv.index("--kv-cache-memory-bytes") + 1])
+    assert vllm_max_concurrency(p.deployment, p.partition, pool, deepseek_v4_specs) >= concurrency
+    if concurrency == 4 and ctx > 16384:
+        assert any("does not fit 24.00 GiB" in m and "per request" in m for m in p.problems)
+    else:
+        assert p.problems == [], p.problems
 
 
 def test_layer_bytes_are_the_converted_checkpoints(tmp_path):

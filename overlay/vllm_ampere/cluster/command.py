@@ -21,14 +21,14 @@ HELP = "render, launch or check a pipeline-parallel deployment from a cluster de
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("action", choices=["render", "launch", "check"],
                         help="render: print each node's commands; launch: run this node's "
-                        "part; check: memory fit (and with --live, the running services)")
+                        "part; check: the memory fit (with --live: this node's running services instead)")
     parser.add_argument("config", help="cluster description (YAML or JSON)")
     parser.add_argument("--node", help="this node's name (launch, check --live)")
     parser.add_argument("--role", choices=["head", "worker"],
                         help="launch: refuse unless --node has this role (the head is the "
                         "first node of the description)")
     parser.add_argument("--live", action="store_true",
-                        help="check: also probe the services this node runs")
+                        help="check: probe the services this node runs (the image's health check)")
     parser.add_argument("--gpu-wait-s", type=float, default=1800,
                         help="launch on the head: how long to wait for all GPUs to join Ray")
 
@@ -119,13 +119,14 @@ def _launch(p: LaunchPlan, node: Node, gpu_wait_s: float) -> int:
 def run(args: argparse.Namespace) -> int:
     try:
         cluster = load_cluster(args.config)
-        launch_plan = plan(cluster)
         node = cluster.node(args.node) if args.node else None
+        # `check --live` is the image's HEALTHCHECK (every 30 s): it asks the services only,
+        # without the memory plan, whose KV sizing imports vLLM (seconds).
+        launch_plan = None if args.action == "check" and args.live else plan(cluster)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    print(_summary(launch_plan))
-    if args.action == "check" and args.live:
+    if launch_plan is None:
         if node is None:
             print("error: check --live needs --node", file=sys.stderr)
             return 2
@@ -133,6 +134,7 @@ def run(args: argparse.Namespace) -> int:
         for service, ok, said in results:
             print(f"{'ok ' if ok else 'BAD'} {service}: {said}")
         return 0 if all(ok for _, ok, _ in results) else 1
+    print(_summary(launch_plan))
     if launch_plan.problems:
         return _refuse(launch_plan)
     if args.action == "render":

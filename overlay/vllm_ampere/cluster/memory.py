@@ -5,22 +5,25 @@ step, and the runtime's own memory. vLLM sizes its KV pool to fill whatever its 
 so a stage that "fits" can still die on an allocation the memory profile did not see: the
 seed's 200k run lost PP rank 9 to a 114 MiB FlashMLA allocation with 95.75 MiB free while the
 KV cache was only 19.2% used. The check therefore (1) caps the KV pool with
-`--kv-cache-memory-bytes` at what the requested context needs, and (2) demands that what is
-left after weights, KV, activations and runtime covers the largest context-scaled attention
-transient plus an allocator margin, on every stage. Each refusal names the stage and numbers.
+`--kv-cache-memory-bytes` at what `concurrency` requests of the context need, and (2) demands
+that what is left after weights, KV, activations and runtime covers the largest context-scaled
+attention transient plus an allocator margin, on every stage. Each refusal names the stage and
+numbers.
 
-KV layouts are the pinned vLLM's (fp8_ds_mla, block 256 tokens):
-- compressed KV of a ratio-r layer (attention.py get_kv_cache_spec): 256/r states of 584 B
-  (448 e4m3 NoPE + 64 BF16 RoPE + 8 UE8M0 scale bytes), page padded to a multiple of 576 B;
-- indexer K cache of a ratio-4 layer (DeepseekV4Indexer): 64 states of 132 B (128 fp8 +
-  one fp32 scale), page padded to 576;
-- sliding caches, bounded per request, in pages of the common page size (v1/core/
-  kv_cache_utils.py unify_kv_cache_spec_page_size pads non-MLA specs to the largest page):
-  SWA window 128 (block 64, sparse_swa.py), compressor states fp32 (compressor.py
-  CompressorStateCache: 2*coff*head_dim floats, block 4 for r=4, 8 for r=128; window coff*r),
-  the indexer compressor's state likewise with head 128. Out-of-window blocks are freed per
-  processed token, so each holds window + in-flight tokens, and with PP the in-flight tokens
-  are PP * max_num_batched_tokens (config/vllm.py max_in_flight_tokens).
+The KV pool is sized by vLLM's own accounting (v1/core/kv_cache_utils.py), run here on the
+specs DeepSeek-V4 registers (fp8_ds_mla): per layer an SWA cache (window 128, 64-token blocks,
+sparse_swa.py), and for a ratio-r layer its compressed KV (256-token blocks, attention.py) and
+compressor state (4- or 8-token blocks, compressor.py), for r = 4 also the indexer K cache and
+its compressor's state. get_kv_cache_groups packs them into groups over the whole model; one
+block of a worker's pool holds a page of each of its layers in the widest group
+(_pool_bytes_per_block), and a request reserves, per group, cdiv(max_model_len, 256) blocks
+for a context cache and cdiv(min(window - 1 + max_in_flight_tokens, max_model_len), block) + 1
+for a sliding one (SlidingWindowSpec.max_admission_blocks_per_request: the scheduler admits a
+request only once these fit). With PP, max_in_flight_tokens = (PP + 1) * max_num_batched_tokens
+(config/vllm.py), so a 4-token state block is reserved for ~22k tokens per request at PP=10:
+the window caches, not the context, dominate. Every worker gets the same
+`--kv-cache-memory-bytes` and all take the smallest block count, so the pool is the largest
+stage's `concurrency` requests plus the null block (get_kv_cache_configs).
 Workspaces (one per worker, shared by its layers; v1/worker/workspace.py):
 - FlashMLA prefill gather, bf16 (PREFILL_CHUNK_SIZE=4, M, 512), M = ceil(max_len/r) + window
   + max_num_batched_tokens (nvidia/flashmla.py forward_mqa dummy-run reservation);
@@ -33,6 +36,8 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 from vllm_ampere.cluster.model import (
     BF16,
@@ -44,6 +49,9 @@ from vllm_ampere.cluster.model import (
     largest_expert_tensor_bytes,
     layer_weight_bytes,
 )
+
+if TYPE_CHECKING:
+    from vllm.v1.kv_cache_interface import KVCacheSpec
 
 GiB = 1024**3
 MiB = 1024**2
@@ -63,55 +71,93 @@ def _round_up(x: int, m: int) -> int:
     return -(-x // m) * m
 
 
-def compressed_page_bytes(ratio: int) -> int:
-    """Page of a ratio-r layer's compressed KV (256 tokens)."""
-    return _round_up(KV_BLOCK // ratio * FP8_DS_MLA_STATE, PAGE_ALIGN)
+def layer_kv_cache_specs(dims: ModelDims, layer: int) -> dict[str, KVCacheSpec]:
+    """The KV cache specs decoder layer `layer` registers in vLLM, in registration order, as its
+    modules build them under `--kv-cache-dtype fp8` (turned into fp8_ds_mla): the indexer's K
+    cache and compressor state (attention.py DeepseekV4IndexerCache, compressor.py
+    CompressorStateCache), the SWA cache (sparse_swa.py DeepseekV4SWACache), the compressed KV
+    (attention.py DeepseekV4Attention), the compressor state (kv + score, coff sets, fp32)."""
+    import torch
+    from vllm.v1.kv_cache_interface import (
+        MLAAttentionSpec,
+        SlidingWindowMLASpec,
+        get_kv_quant_mode,
+    )
 
+    r, prefix = dims.ratios[layer], f"model.layers.{layer}.attn"
+    common = dict(num_kv_heads=1, max_tp_shards=1, alignment=PAGE_ALIGN)
+    packed = dict(dtype=torch.uint8, cache_dtype_str="fp8_ds_mla", model_version="deepseek_v4",
+                  kv_quant_mode=get_kv_quant_mode("fp8_ds_mla"),
+                  state_content_bytes=FP8_DS_MLA_STATE, **common)
 
-def indexer_page_bytes() -> int:
-    return _round_up(KV_BLOCK // 4 * INDEXER_STATE, PAGE_ALIGN)
+    def state(head_dim: int, coff: int) -> KVCacheSpec:
+        return SlidingWindowMLASpec(block_size=4 if r == 4 else 8, head_size=2 * coff * head_dim,
+                                    dtype=torch.float32, sliding_window=coff * r, **common)
 
-
-def common_page_bytes() -> int:
-    """The page every cache group is padded to: the ratio-4 compressed KV / SWA page."""
-    return compressed_page_bytes(4)
-
-
-def layer_kv_bytes_per_token(dims: ModelDims, layer: int) -> float:
-    """Bytes per context token of `layer`'s caches that grow with the context."""
-    r = dims.ratios[layer]
-    total = 0.0
-    if r > 1:
-        total += compressed_page_bytes(r) / KV_BLOCK
+    specs: dict[str, KVCacheSpec] = {}
     if r == 4:
-        total += indexer_page_bytes() / KV_BLOCK
-    return total
-
-
-def full_kv_bytes_per_token(dims: ModelDims, layers: range) -> float:
-    return sum(layer_kv_bytes_per_token(dims, layer) for layer in layers)
-
-
-def sliding_caches(dims: ModelDims, layer: int) -> list[tuple[str, int, int]]:
-    """(name, tokens per page, window in tokens) of each bounded cache of `layer`."""
-    r = dims.ratios[layer]
-    caches = [("swa", SWA_BLOCK, dims.sliding_window)]
+        specs[f"{prefix}.indexer.k_cache"] = MLAAttentionSpec(
+            block_size=KV_BLOCK, head_size=INDEXER_STATE, dtype=torch.uint8, tokens_per_state=r,
+            **common)
+        specs[f"{prefix}.indexer.compressor.state_cache"] = state(dims.index_head_dim,
+                                                                  compressor_coff(r))
+    specs[f"{prefix}.swa_cache"] = SlidingWindowMLASpec(
+        block_size=SWA_BLOCK, head_size=dims.head_dim, sliding_window=dims.sliding_window,
+        **packed)
     if r > 1:
-        caches.append(("compressor_state", 4 if r == 4 else 8, compressor_coff(r) * r))
-    if r == 4:
-        caches.append(("indexer_compressor_state", 4, 2 * r))
-    return caches
+        specs[prefix] = MLAAttentionSpec(block_size=KV_BLOCK, head_size=dims.head_dim,
+                                         tokens_per_state=r, **packed)
+        specs[f"{prefix}.compressor.state_cache"] = state(dims.head_dim, compressor_coff(r))
+    return specs
 
 
-def layer_sliding_kv_bytes(dims: ModelDims, layer: int, seqs: int, in_flight_tokens: int) -> int:
-    """Bytes of `layer`'s bounded caches for `seqs` running requests and the tokens in flight."""
-    page = common_page_bytes()
-    total = 0
-    for _, tokens_per_page, window in sliding_caches(dims, layer):
-        tokens = seqs * (window - 1) + in_flight_tokens
-        # +1 page per request: a window need not start on a page boundary.
-        total += (math.ceil(tokens / tokens_per_page) + seqs) * page
-    return total
+def sizing_config(dep: Deployment) -> SimpleNamespace:
+    """What vLLM's KV sizing reads of its VllmConfig (get_kv_cache_groups, the specs'
+    max_memory_usage_bytes, _pool_bytes_per_block), as `vllm serve` resolves it here."""
+    from vllm.v1.kv_cache_layout import KVCacheLayout
+
+    return SimpleNamespace(
+        model_config=SimpleNamespace(max_model_len=dep.max_model_len),
+        parallel_config=SimpleNamespace(decode_context_parallel_size=1),
+        # The hybrid manager stays on: LMCache 0.5.6's LMCacheMPConnector implements
+        # SupportsHMA (config/vllm.py __post_init__ turns it off only for connectors without).
+        scheduler_config=SimpleNamespace(disable_hybrid_kv_cache_manager=False),
+        attention_config=SimpleNamespace(hisparse_config=None),
+        speculative_config=None,
+        # DeepSeek-V4's indexer backend takes block-outer layouts only, BLHNC first
+        # (v1/attention/backends/mla/indexer.py supported_kv_cache_layouts).
+        cache_config=SimpleNamespace(get_resolved_kv_cache_layout=lambda: KVCacheLayout.BLHNC),
+        # config/vllm.py max_concurrent_batches: PP + 1 with async scheduling, which vLLM turns
+        # on for PP with its default V2 model runner (PP without it: this pool then admits more).
+        max_in_flight_tokens=(dep.pipeline_parallel_size + 1) * dep.max_num_batched_tokens,
+    )
+
+
+class KVSizing:
+    """vLLM's KV cache groups of the whole model (get_kv_cache_configs groups the merged specs
+    of all workers), projected on one stage's layers at a time."""
+
+    def __init__(self, dims: ModelDims, dep: Deployment):
+        from vllm.v1.core.kv_cache_utils import get_kv_cache_groups
+
+        self.config = sizing_config(dep)
+        self.specs = [layer_kv_cache_specs(dims, i) for i in range(dims.num_hidden_layers)]
+        merged = {name: spec for layer in self.specs for name, spec in layer.items()}
+        self.groups = get_kv_cache_groups(self.config, merged)
+        self._stages: dict[tuple[int, int], tuple[int, int]] = {}  # the partitioner asks often
+
+    def stage(self, layers: range) -> tuple[int, int]:
+        """(bytes one request of max_model_len reserves, bytes of one block) on a stage holding
+        `layers`: the figures vLLM's startup check and admission use."""
+        key = (layers.start, layers.stop)
+        if key not in self._stages:
+            from vllm.v1.core import kv_cache_utils as kvu
+
+            worker = {name: spec for i in layers for name, spec in self.specs[i].items()}
+            groups = kvu._project_kv_cache_groups_to_worker(self.groups, worker)
+            self._stages[key] = (kvu._max_memory_usage_bytes_from_groups(self.config, groups),
+                                 kvu._pool_bytes_per_block(self.config, groups))
+        return self._stages[key]
 
 
 def indexer_prefill_rows(max_model_len: int) -> int:
@@ -188,8 +234,8 @@ class StageMemory:
     stage: int
     layers: range
     weights: int
-    kv_full: int  # context caches this stage needs at max_model_len x concurrency
-    kv_sliding: int  # window caches of max_num_seqs requests + the tokens in flight
+    kv_request: int  # what vLLM reserves here per request of max_model_len (KVSizing.stage)
+    kv_needed: int  # concurrency such requests + the null block
     kv_pool: int  # what vLLM allocates: --kv-cache-memory-bytes, the same on every stage
     workspace: int
     activations: int
@@ -199,10 +245,6 @@ class StageMemory:
     margin: int
     gpu: int
     problems: list[str] = field(default_factory=list)
-
-    @property
-    def kv_needed(self) -> int:
-        return self.kv_full + self.kv_sliding
 
     @property
     def resident(self) -> int:
@@ -237,19 +279,13 @@ class LayerTable:
     """Per-layer figures of one deployment, computed once (the partitioner asks often)."""
 
     weights: tuple[int, ...]
-    kv_per_token: tuple[float, ...]
-    sliding: tuple[int, ...]
+    kv: KVSizing
 
     @classmethod
     def build(cls, dims: ModelDims, dep: Deployment) -> LayerTable:
         layers = range(dims.num_hidden_layers)
-        in_flight = dep.pipeline_parallel_size * dep.max_num_batched_tokens
-        return cls(
-            weights=tuple(layer_weight_bytes(dims, i) for i in layers),
-            kv_per_token=tuple(layer_kv_bytes_per_token(dims, i) for i in layers),
-            sliding=tuple(layer_sliding_kv_bytes(dims, i, dep.max_num_seqs, in_flight)
-                          for i in layers),
-        )
+        return cls(weights=tuple(layer_weight_bytes(dims, i) for i in layers),
+                   kv=KVSizing(dims, dep))
 
 
 def _stage_parts(dims: ModelDims, dep: Deployment, table: LayerTable, stage: int,
@@ -266,13 +302,12 @@ def _stage_parts(dims: ModelDims, dep: Deployment, table: LayerTable, stage: int
         activations += INDEXER_LOGITS_MB * MiB
     if stage == num_stages - 1:  # logits of the sampled rows (fp32), twice for the sampler
         activations += 2 * dep.max_num_seqs * dims.vocab_size * FP32
+    kv_request, kv_block = table.kv.stage(layers)
     return {
         "weights": weights,
-        "kv_full": math.ceil(
-            sum(table.kv_per_token[layers.start:layers.stop]) * dep.max_model_len
-            * dep.concurrency
-        ),
-        "kv_sliding": sum(table.sliding[layers.start:layers.stop]),
+        "kv_request": kv_request,
+        # The block pool holds one null block back (get_kv_cache_configs check_memory).
+        "kv_needed": dep.concurrency * kv_request + kv_block,
         "workspace": attention_workspace_bytes(dims, layers, dep.max_model_len,
                                                dep.max_num_batched_tokens),
         "activations": activations,
@@ -281,25 +316,23 @@ def _stage_parts(dims: ModelDims, dep: Deployment, table: LayerTable, stage: int
     }
 
 
-def _check(s: StageMemory, max_model_len: int) -> None:
+def _check(s: StageMemory, dep: Deployment) -> None:
     g = lambda b: f"{b / GiB:.2f} GiB"  # noqa: E731
     where = f"stage {s.stage} (layers {s.layers.start}-{s.layers.stop - 1})"
+    need = (f"vLLM reserves {g(s.kv_request)} here per request of {dep.max_model_len} tokens, "
+            f"{g(s.kv_needed)} for {dep.concurrency}")
     if s.kv_pool < s.kv_needed:
-        s.problems.append(
-            f"{where}: the KV pool of {g(s.kv_pool)} holds less than the {g(s.kv_needed)} "
-            f"this stage needs ({g(s.kv_full)} for the context, {g(s.kv_sliding)} for windows)"
-        )
+        s.problems.append(f"{where}: the KV pool of {g(s.kv_pool)} is too small ({need})")
     if s.free < 0:
         s.problems.append(
             f"{where} does not fit {g(s.gpu)}: weights {g(s.weights)} + KV pool "
-            f"{g(s.kv_pool)} (this stage needs {g(s.kv_full)} for the context, "
-            f"{g(s.kv_sliding)} for windows) + workspace {g(s.workspace)} + activations "
+            f"{g(s.kv_pool)} ({need}) + workspace {g(s.workspace)} + activations "
             f"{g(s.activations)} + runtime {g(s.overhead)} = {g(s.resident)}"
         )
     elif s.free < s.needs_free:
         s.problems.append(
             f"{where} leaves {g(s.free)} free, below the {g(s.attention_transient)} attention "
-            f"transient at {max_model_len} tokens + {g(s.margin)} allocator margin: it would "
+            f"transient at {dep.max_model_len} tokens + {g(s.margin)} allocator margin: it would "
             f"run out of headroom mid-request while its KV cache is "
             f"{100 * s.kv_needed / s.kv_pool:.0f}% used"
         )
@@ -327,7 +360,7 @@ def plan_memory(dims: ModelDims, dep: Deployment, partition: list[int]) -> list[
         s = StageMemory(stage=i, layers=r, kv_pool=pool, overhead=dep.runtime_overhead_bytes,
                         load_transient=largest_expert_tensor_bytes(dims),
                         margin=dep.allocator_margin_bytes, gpu=dep.gpu_memory_bytes, **p)
-        _check(s, dep.max_model_len)
+        _check(s, dep)
         stages.append(s)
     return stages
 
@@ -336,11 +369,11 @@ def stage_cost(dims: ModelDims, dep: Deployment, table: LayerTable, stage: int,
                layers: range, num_stages: int) -> int:
     """Bytes a stage needs (its own KV need, not the shared pool): the partitioner's cost."""
     p = _stage_parts(dims, dep, table, stage, layers, num_stages)
-    return (p["weights"] + p["kv_full"] + p["kv_sliding"] + p["workspace"] + p["activations"]
+    return (p["weights"] + p["kv_needed"] + p["workspace"] + p["activations"]
             + p["attention_transient"])
 
 
 def kv_cache_memory_bytes(parts: list[dict[str, int]]) -> int:
     """`--kv-cache-memory-bytes`: vLLM gives every worker this pool, so it is the largest
-    stage's need (context caches + window caches), rounded up to 64 MiB."""
-    return _round_up(max(p["kv_full"] + p["kv_sliding"] for p in parts), KV_CAP_ROUND)
+    stage's need, rounded up to 64 MiB."""
+    return _round_up(max(p["kv_needed"] for p in parts), KV_CAP_ROUND)

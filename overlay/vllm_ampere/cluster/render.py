@@ -80,7 +80,8 @@ class LaunchPlan:
             "--max-num-batched-tokens", str(c.max_num_batched_tokens),
             "--kv-cache-dtype", "fp8",  # DeepSeek-V4 turns fp8 into its fp8_ds_mla layout
             # Per GPU, and it makes vLLM ignore gpu_memory_utilization (config/cache.py):
-            # the pool holds what the context needs (memory.py), the rest stays headroom.
+            # the pool admits `concurrency` requests of the context by vLLM's own sizing
+            # (memory.py), the rest stays headroom.
             "--kv-cache-memory-bytes", str(stages[0].kv_pool),
         ]
         if c.served_model_name:
