@@ -52,7 +52,7 @@ def _extensions():
                 CUDAExtension(
                     name,
                     sources,
-                    include_dirs=[str(ROOT / folder)],
+                    include_dirs=[str(ROOT / folder), str(ROOT / "csrc" / "common")],
                     extra_compile_args={"cxx": ["-O3"], "nvcc": nvcc_flags},
                 )
             )

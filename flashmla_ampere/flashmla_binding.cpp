@@ -14,15 +14,20 @@
 
 #include "flashmla_config.h"
 #include "flashmla_params.h"
+#include "torch_strings.h"
 
 namespace flashmla_ampere {
 namespace {
 
 using at::Tensor;
+using vllm_ampere::device_name;
+using vllm_ampere::dtype_name;
+using vllm_ampere::shape;
+using vllm_ampere::strides;
 
 void check_cuda(const Tensor& t, const Tensor& like, const char* name) {
-  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", t.device());
-  TORCH_CHECK(t.device() == like.device(), name, " is on ", t.device(), " but q is on ", like.device());
+  TORCH_CHECK(t.is_cuda(), name, " must be a CUDA tensor, got ", device_name(t));
+  TORCH_CHECK(t.device() == like.device(), name, " is on ", device_name(t), " but q is on ", device_name(like));
 }
 
 void check_aligned16(const Tensor& t, const char* name) {
@@ -32,9 +37,9 @@ void check_aligned16(const Tensor& t, const char* name) {
 void check_lengths(const std::optional<Tensor>& len, int64_t n, const Tensor& q, const char* name) {
   if (!len) return;
   check_cuda(*len, q, name);
-  TORCH_CHECK(len->scalar_type() == at::kInt, name, " must be int32, got ", len->scalar_type());
+  TORCH_CHECK(len->scalar_type() == at::kInt, name, " must be int32, got ", dtype_name(*len));
   TORCH_CHECK(len->dim() == 1 && len->size(0) == n && len->is_contiguous(), name, " must be contiguous [",
-              n, "], got ", len->sizes());
+              std::to_string(n), "], got ", shape(*len));
 }
 
 PagedStream make_stream(const Tensor& cache, const Tensor& indices, const std::optional<Tensor>& lengths,
@@ -43,22 +48,24 @@ PagedStream make_stream(const Tensor& cache, const Tensor& indices, const std::o
   check_cuda(cache, q, cache_name);
   check_cuda(indices, q, idx_name);
   TORCH_CHECK(cache.scalar_type() == at::kByte, cache_name, " must be uint8 (fp8_ds_mla), got ",
-              cache.scalar_type());
-  TORCH_CHECK(cache.dim() >= 3, cache_name, " must be [num_blocks, block_size, (1,) ", kTokenBytes,
-              "], got ", cache.sizes());
+              dtype_name(cache));
+  TORCH_CHECK(cache.dim() >= 3, cache_name, " must be [num_blocks, block_size, (1,) ",
+              std::to_string(kTokenBytes), "], got ", shape(cache));
   TORCH_CHECK(cache.size(-1) == kTokenBytes && cache.stride(-1) == 1, cache_name, ": last dim must be ",
-              kTokenBytes, " contiguous bytes per token, got ", cache.sizes());
+              std::to_string(kTokenBytes), " contiguous bytes per token, got ", shape(cache));
   const int64_t num_blocks = cache.size(0), block_size = cache.size(1);
   TORCH_CHECK(block_size > 0, cache_name, ": block_size must be positive");
   TORCH_CHECK(num_blocks <= 1 || cache.stride(0) >= block_size * kTokenBytes, cache_name,
-              ": block stride ", cache.stride(0), " B is smaller than block_size * ", kTokenBytes);
+              ": block stride ", std::to_string(cache.stride(0)), " B is smaller than block_size * ",
+              std::to_string(kTokenBytes));
   TORCH_CHECK(cache.stride(0) % 16 == 0, cache_name, ": block stride must be a multiple of 16 bytes, got ",
-              cache.stride(0));
+              std::to_string(cache.stride(0)));
   check_aligned16(cache, cache_name);
   TORCH_CHECK(num_blocks * block_size <= INT32_MAX, cache_name, " has more slots than int32 indices address");
-  TORCH_CHECK(indices.scalar_type() == at::kInt, idx_name, " must be int32, got ", indices.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == at::kInt, idx_name, " must be int32, got ", dtype_name(indices));
   TORCH_CHECK(indices.dim() == 3 && indices.size(0) == b && indices.size(1) == s_q && indices.stride(2) == 1,
-              idx_name, " must be [", b, ", ", s_q, ", topk] with a contiguous last dim, got ", indices.sizes());
+              idx_name, " must be [", std::to_string(b), ", ", std::to_string(s_q),
+              ", topk] with a contiguous last dim, got ", shape(indices));
   TORCH_CHECK(indices.size(2) <= INT32_MAX / 2, idx_name, " is too wide");
   check_lengths(lengths, b, q, len_name);
   PagedStream s{};
@@ -79,18 +86,19 @@ void check_sink(const std::optional<Tensor>& sink, int64_t h_q, const Tensor& q)
   check_cuda(*sink, q, "attn_sink");
   TORCH_CHECK(sink->scalar_type() == at::kFloat && sink->dim() == 1 && sink->size(0) == h_q &&
                   sink->is_contiguous(),
-              "attn_sink must be contiguous float32 [", h_q, "], got ", sink->scalar_type(), " ", sink->sizes());
+              "attn_sink must be contiguous float32 [", std::to_string(h_q), "], got ", dtype_name(*sink), " ",
+              shape(*sink));
 }
 
 void check_q_like(const Tensor& q, int64_t dims, const char* name) {
   TORCH_CHECK(q.is_cuda(), name, " must be a CUDA tensor");
-  TORCH_CHECK(q.scalar_type() == at::kBFloat16, name, " must be bfloat16, got ", q.scalar_type());
-  TORCH_CHECK(q.dim() == dims && q.size(-1) == kHeadDim && q.stride(-1) == 1, name, " must have ", dims,
-              " dims ending in a contiguous ", kHeadDim, ", got ", q.sizes());
-  TORCH_CHECK(q.size(-2) % kHeadsPerCta == 0, name, ": head count must be a multiple of ", kHeadsPerCta,
-              " (pad heads as vLLM does), got ", q.size(-2));
+  TORCH_CHECK(q.scalar_type() == at::kBFloat16, name, " must be bfloat16, got ", dtype_name(q));
+  TORCH_CHECK(q.dim() == dims && q.size(-1) == kHeadDim && q.stride(-1) == 1, name, " must have ",
+              std::to_string(dims), " dims ending in a contiguous ", std::to_string(kHeadDim), ", got ", shape(q));
+  TORCH_CHECK(q.size(-2) % kHeadsPerCta == 0, name, ": head count must be a multiple of ",
+              std::to_string(kHeadsPerCta), " (pad heads as vLLM does), got ", std::to_string(q.size(-2)));
   for (int64_t d = 0; d < dims - 1; ++d)
-    TORCH_CHECK(q.stride(d) % 8 == 0, name, ": strides must keep rows 16-byte aligned, got ", q.strides());
+    TORCH_CHECK(q.stride(d) % 8 == 0, name, ": strides must keep rows 16-byte aligned, got ", strides(q));
   check_aligned16(q, name);
 }
 
@@ -114,7 +122,7 @@ void sparse_decode_fwd(const Tensor& q, const Tensor& k_cache, const Tensor& ind
   p.s_q = static_cast<int>(s_q);
   p.h_q = static_cast<int>(h_q);
   TORCH_CHECK(std::isfinite(softmax_scale) && softmax_scale > 0, "softmax_scale must be positive, got ",
-              softmax_scale);
+              std::to_string(softmax_scale));
   p.scale_log2 = static_cast<float>(softmax_scale * M_LOG2E);
   p.streams[0] = make_stream(k_cache, indices, topk_length, q, "k_cache", "indices", "topk_length");
   if (extra_k_cache)
@@ -127,14 +135,15 @@ void sparse_decode_fwd(const Tensor& q, const Tensor& k_cache, const Tensor& ind
 
   check_cuda(out, q, "out");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.sizes() == q.sizes() && out.stride(-1) == 1,
-              "out must be bfloat16 ", q.sizes(), " with a contiguous last dim, got ", out.scalar_type(), " ",
-              out.sizes());
+              "out must be bfloat16 ", shape(q), " with a contiguous last dim, got ", dtype_name(out), " ",
+              shape(out));
   for (int64_t d = 0; d < 3; ++d) TORCH_CHECK(out.stride(d) % 8 == 0, "out strides must keep rows 16-byte aligned");
   check_aligned16(out, "out");
   check_cuda(lse, q, "lse");
   TORCH_CHECK(lse.scalar_type() == at::kFloat && lse.dim() == 3 && lse.size(0) == b && lse.size(1) == h_q &&
                   lse.size(2) == s_q && lse.is_contiguous(),
-              "lse must be contiguous float32 [", b, ", ", h_q, ", ", s_q, "], got ", lse.sizes());
+              "lse must be contiguous float32 [", std::to_string(b), ", ", std::to_string(h_q), ", ",
+              std::to_string(s_q), "], got ", shape(lse));
   p.out = reinterpret_cast<uint16_t*>(out.data_ptr());
   p.out_stride_b = out.stride(0);
   p.out_stride_s = out.stride(1);
@@ -147,8 +156,8 @@ void sparse_decode_fwd(const Tensor& q, const Tensor& k_cache, const Tensor& ind
   Tensor lse_partial = at::empty({parts}, q.options().dtype(at::kFloat));
   p.o_partial = o_partial.data_ptr<float>();
   p.lse_partial = lse_partial.data_ptr<float>();
-  TORCH_CHECK(b * s_q * p.num_splits <= INT32_MAX, "decode grid too large: ", b * s_q, " queries x ",
-              p.num_splits, " splits");
+  TORCH_CHECK(b * s_q * p.num_splits <= INT32_MAX, "decode grid too large: ", std::to_string(b * s_q),
+              " queries x ", std::to_string(p.num_splits), " splits");
   const cudaError_t err = sparse_decode(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "vllm_ampere sparse decode launch failed: ", cudaGetErrorString(err));
 }
@@ -160,31 +169,33 @@ void sparse_prefill_fwd(const Tensor& q, const Tensor& kv, const Tensor& indices
   const int64_t s_q = q.size(0), h_q = q.size(1);
   const c10::cuda::CUDAGuard guard(q.device());
   check_cuda(kv, q, "kv");
-  TORCH_CHECK(kv.scalar_type() == at::kBFloat16, "kv must be bfloat16, got ", kv.scalar_type());
+  TORCH_CHECK(kv.scalar_type() == at::kBFloat16, "kv must be bfloat16, got ", dtype_name(kv));
   TORCH_CHECK((kv.dim() == 2 || (kv.dim() == 3 && kv.size(1) == 1)) && kv.size(-1) == kHeadDim &&
                   kv.stride(-1) == 1,
-              "kv must be [s_kv, (1,) ", kHeadDim, "] with a contiguous last dim, got ", kv.sizes());
-  TORCH_CHECK(kv.stride(0) % 8 == 0, "kv rows must be 16-byte aligned (stride ", kv.stride(0), ")");
+              "kv must be [s_kv, (1,) ", std::to_string(kHeadDim), "] with a contiguous last dim, got ", shape(kv));
+  TORCH_CHECK(kv.stride(0) % 8 == 0, "kv rows must be 16-byte aligned (stride ", std::to_string(kv.stride(0)), ")");
   check_aligned16(kv, "kv");
   check_cuda(indices, q, "indices");
-  TORCH_CHECK(indices.scalar_type() == at::kInt, "indices must be int32, got ", indices.scalar_type());
+  TORCH_CHECK(indices.scalar_type() == at::kInt, "indices must be int32, got ", dtype_name(indices));
   TORCH_CHECK((indices.dim() == 2 || (indices.dim() == 3 && indices.size(1) == 1)) && indices.size(0) == s_q &&
                   indices.stride(-1) == 1,
-              "indices must be [", s_q, ", (1,) topk] with a contiguous last dim, got ", indices.sizes());
+              "indices must be [", std::to_string(s_q), ", (1,) topk] with a contiguous last dim, got ",
+              shape(indices));
   TORCH_CHECK(indices.size(-1) <= INT32_MAX / 2, "indices is too wide");
   check_lengths(topk_length, s_q, q, "topk_length");
   check_sink(attn_sink, h_q, q);
-  TORCH_CHECK(std::isfinite(sm_scale) && sm_scale > 0, "sm_scale must be positive, got ", sm_scale);
+  TORCH_CHECK(std::isfinite(sm_scale) && sm_scale > 0, "sm_scale must be positive, got ", std::to_string(sm_scale));
   check_cuda(out, q, "out");
   TORCH_CHECK(out.scalar_type() == at::kBFloat16 && out.sizes() == q.sizes() && out.stride(-1) == 1 &&
                   out.stride(0) % 8 == 0 && out.stride(1) % 8 == 0,
-              "out must be bfloat16 ", q.sizes(), " with 16-byte aligned rows, got ", out.sizes());
+              "out must be bfloat16 ", shape(q), " with 16-byte aligned rows, got ", shape(out));
   check_aligned16(out, "out");
   for (const auto* t : {&max_logits, &lse}) {
     check_cuda(*t, q, "max_logits/lse");
     TORCH_CHECK(t->scalar_type() == at::kFloat && t->dim() == 2 && t->size(0) == s_q && t->size(1) == h_q &&
                     t->is_contiguous(),
-                "max_logits and lse must be contiguous float32 [", s_q, ", ", h_q, "], got ", t->sizes());
+                "max_logits and lse must be contiguous float32 [", std::to_string(s_q), ", ", std::to_string(h_q),
+                "], got ", shape(*t));
   }
   PrefillParams p{};
   p.q = reinterpret_cast<const uint16_t*>(q.data_ptr());
@@ -198,7 +209,7 @@ void sparse_prefill_fwd(const Tensor& q, const Tensor& kv, const Tensor& indices
   p.width = static_cast<int>(indices.size(-1));
   p.lengths = topk_length ? topk_length->data_ptr<int32_t>() : nullptr;
   p.attn_sink = attn_sink ? attn_sink->data_ptr<float>() : nullptr;
-  TORCH_CHECK(s_q <= INT32_MAX, "too many queries: ", s_q);
+  TORCH_CHECK(s_q <= INT32_MAX, "too many queries: ", std::to_string(s_q));
   p.s_q = static_cast<int>(s_q);
   p.h_q = static_cast<int>(h_q);
   p.scale_log2 = static_cast<float>(sm_scale * M_LOG2E);

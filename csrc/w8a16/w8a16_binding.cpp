@@ -18,39 +18,17 @@
 
 #include <string>
 
+#include "torch_strings.h"
 #include "w8a16_config.h"
 #include "w8a16_params.h"
 
 namespace {
 
+using vllm_ampere::device_name;
+using vllm_ampere::dtype_name;
+using vllm_ampere::shape;
+
 constexpr int64_t kPackedBytes = w8a16::kTileBytes;  // bytes per (strip, k-tile)
-
-// Error messages carry only strings: dtypes, shapes, devices and numbers are formatted by these
-// helpers and std::to_string. On the H200 test machine (torch 2.11, extension built by the
-// image's gcc) a TORCH_CHECK that streamed a number, ScalarType or IntArrayRef into c10::str's
-// ostringstream crashed with SIGSEGV instead of raising; strings stream safely there.
-const char* dtype_name(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kByte: return "uint8";
-    case at::kChar: return "int8";
-    case at::kInt: return "int32";
-    case at::kLong: return "int64";
-    case at::kHalf: return "float16";
-    case at::kBFloat16: return "bfloat16";
-    case at::kFloat: return "float32";
-    default: return "another dtype";
-  }
-}
-
-std::string shape(const at::Tensor& t) {
-  std::string out = "[";
-  for (int64_t i = 0; i < t.dim(); ++i) out += (i ? ", " : "") + std::to_string(t.size(i));
-  return out + "]";
-}
-
-std::string device_name(const at::Tensor& t) {
-  return t.is_cuda() ? "cuda:" + std::to_string(t.get_device()) : "cpu";
-}
 
 int device_attribute(cudaDeviceAttr attr, int device) {
   int value = 0;
@@ -83,7 +61,7 @@ at::Tensor repack(const at::Tensor& weight) {
   const int64_t n = weight.size(0), k = weight.size(1);
   TORCH_CHECK(n > 0 && k > 0 && n % 16 == 0 && k % 16 == 0,
               "w8a16_repack: N and K must be positive multiples of 16, got ", shape(weight));
-  TORCH_CHECK(n * k < (int64_t{1} << 40), "w8a16_repack: weight too large");
+  TORCH_CHECK(n <= INT32_MAX && k <= INT32_MAX && n * k < (int64_t{1} << 40), "w8a16_repack: weight too large");
   TORCH_CHECK(weight.is_contiguous(), "w8a16_repack: weight must be contiguous");
   check_cuda_sm80(weight, "weight");
   check_16b_aligned(weight, "weight");
@@ -112,7 +90,8 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor
   TORCH_CHECK(k_tiles == (k + w8a16::kTileK - 1) / w8a16::kTileK, "w8a16_gemm: a has K = ",
               std::to_string(k), " but qweight was packed for ", std::to_string(k_tiles),
               " k-tiles of 32");
-  TORCH_CHECK(n > 0 && m < (int64_t{1} << 31) && n * k < (int64_t{1} << 40),
+  TORCH_CHECK(n > 0 && n <= INT32_MAX && k <= INT32_MAX && m < (int64_t{1} << 31) &&
+                  n * k < (int64_t{1} << 40),
               "w8a16_gemm: sizes out of range");
   TORCH_CHECK(scale.dim() == 1 && scale.size(0) == n && scale.scalar_type() == at::kBFloat16,
               "w8a16_gemm: scale must be bfloat16 [N = ", std::to_string(n), "], got ", dtype_name(scale), " ",
@@ -123,7 +102,8 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor
               shape(locks));
   TORCH_CHECK(path >= 0 && path <= 2, "w8a16_gemm: path must be 0 (auto), 1 (fused) or 2 (dequant)");
   TORCH_CHECK(split_k >= 0, "w8a16_gemm: split_k must be >= 0");
-  TORCH_CHECK(path == 2 || (m + 31) / 32 <= 65535, "w8a16_gemm: M = ", std::to_string(m),
+  const bool fused = path == 1 || (path == 0 && m <= w8a16::kFusedMaxM);
+  TORCH_CHECK(!fused || (m + 31) / 32 <= 65535, "w8a16_gemm: M = ", std::to_string(m),
               " is past the fused kernel's grid; use path 0 or 2");
   TORCH_CHECK(a.is_contiguous() && qweight.is_contiguous() && scale.is_contiguous() &&
                   locks.is_contiguous(),
@@ -143,7 +123,7 @@ at::Tensor gemm(const at::Tensor& a, const at::Tensor& qweight, const at::Tensor
   at::Tensor out = at::empty({m, n}, a.options());
   if (m == 0) return out;
 
-  if (path == 2 || (path == 0 && m > w8a16::kFusedMaxM)) {
+  if (!fused) {
     // Prefill: compute-bound, so one dequantizing pass into a temporary and cuBLAS.
     at::Tensor w = at::empty({n, k}, a.options());
     const w8a16::DequantParams dp{qweight.data_ptr<uint8_t>(), scale_bits, w.data_ptr(),

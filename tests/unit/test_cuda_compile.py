@@ -1,16 +1,21 @@
-"""Every .cu under csrc/ and flashmla_ampere/ compiles with nvcc alone for sm_80 and sm_86.
+"""Every .cu under csrc/ and flashmla_ampere/ compiles with nvcc alone for sm_80 and sm_86, and
+every torch binding (.cpp) passes the C++ compiler against the pinned torch's headers.
 
 Compile only (no GPU needed): the kernels see plain params structs, never torch headers. ptxas's
 resource report (-Xptxas -v) is parsed, and a kernel that spills registers fails the test unless
-ACCEPTED_SPILLS lists it with the most spill bytes we accept and why. Skipped only without nvcc.
+ACCEPTED_SPILLS lists it with the most spill bytes we accept and why. The bindings get a syntax
+and type check (g++ -fsyntax-only), as setup.py would compile them on a CUDA machine. Skipped
+only without nvcc.
 """
 
 import re
 import shutil
 import subprocess
+import sysconfig
 from pathlib import Path
 
 import pytest
+from torch.utils.cpp_extension import include_paths
 
 ROOT = Path(__file__).resolve().parents[2]
 FOLDERS = ("csrc", "flashmla_ampere")
@@ -79,3 +84,28 @@ def test_report_parser_reads_ptxas_lines():
         "ptxas info    : Used 255 registers, 384 bytes cmem[0]\n"
     )
     assert ptxas_report(text) == {"_Z3fooPf": {"registers": 255, "spill": 8}}
+
+
+BINDINGS = sorted(p for folder in FOLDERS for p in (ROOT / folder).rglob("*.cpp"))
+
+
+def cuda_include() -> str:
+    """The CUDA toolkit's include folder, as nvcc itself resolves it (nvcc may be a wrapper)."""
+    dry = subprocess.run(["nvcc", "-dryrun", "-x", "cu", "-c", "/dev/null", "-o", "/dev/null"],
+                         capture_output=True, text=True).stderr
+    return re.search(r'INCLUDES="-I([^"]+?)"', dry).group(1).strip()
+
+
+@pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc is not on PATH: CUDA toolkit absent")
+@pytest.mark.parametrize("source", BINDINGS, ids=[str(p.relative_to(ROOT)) for p in BINDINGS])
+def test_binding_compiles_against_the_pinned_torch(source: Path, tmp_path: Path):
+    # A CPU torch ships the c10/cuda headers but not the one its CUDA build generates at build time.
+    generated = tmp_path / "c10" / "cuda" / "impl" / "cuda_cmake_macros.h"
+    generated.parent.mkdir(parents=True)
+    generated.write_text("#pragma once\n")
+    folder = ROOT / source.relative_to(ROOT).parts[0]
+    includes = [str(tmp_path), *include_paths(), cuda_include(), sysconfig.get_paths()["include"],
+                str(folder), str(ROOT / "csrc" / "common"), str(source.parent)]  # setup.py's, and the file's own
+    cmd = ["g++", "-std=c++20", "-fsyntax-only", "-Werror=return-type", *(f"-I{d}" for d in includes), str(source)]
+    result = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{(result.stdout + result.stderr)[-6000:]}"

@@ -12,7 +12,9 @@ streams (they would share the locks); each layer owning its weight satisfies thi
 Dispatch of gemm:
   * CPU tensors: gemm_reference (how CPU CI and the CPU engine run).
   * CUDA, compute capability 8.0-8.9, extension built: the compiled op. It picks the fused
-    streaming kernel for M <= 16 and a dequantize + cuBLAS path above.
+    streaming kernel for M <= 16 and a dequantize + cuBLAS path above (prefill: there the
+    dequantized weight is rounded to a's dtype before cuBLAS, one rounding more than the
+    reference, as with dequant + torch.matmul).
   * CUDA otherwise: RuntimeError saying why. A silent reference fallback on a GPU would
     dequantize every weight on every call. On newer GPUs (the H200 used for tests runs the
     compute_80 PTX) pass force_kernel=True or set VLLM_AMPERE_FORCE_SM80_KERNELS=1.
@@ -123,7 +125,10 @@ def gemm(
     _check_gemm(a, packed, scale)
     if not (a.is_cuda and _kernel_usable(a.device, force_kernel)):
         return gemm_reference(a, packed, scale)
-    return torch.ops.vllm_ampere.w8a16_gemm(a, packed.qweight, scale, packed.locks, split_k, PATHS[path])
+    # The kernels read rows with 16-byte loads: a strided view (a slice of a fused output) is
+    # copied; contiguous inputs pass as they are.
+    return torch.ops.vllm_ampere.w8a16_gemm(a.contiguous(), packed.qweight, scale, packed.locks, split_k,
+                                            PATHS[path])
 
 
 def _check_gemm(a: torch.Tensor, packed: W8A16Weight, scale: torch.Tensor) -> None:
