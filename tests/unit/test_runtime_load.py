@@ -16,7 +16,6 @@ from safetensors.torch import load_file, save_file
 import vllm_ampere
 from vllm_ampere.bench.processes import free_port
 from vllm_ampere.convert import ConvertOptions, convert, make_tiny
-from vllm_ampere.quant import reference
 from vllm_ampere.quant.loading import Dsv4IntLoadError
 
 
@@ -26,6 +25,33 @@ def converted(tmp_path_factory):
     make_tiny(root / "native")
     convert(root / "native", root / "int", ConvertOptions(progress=False))
     return root / "int"
+
+
+@pytest.fixture(scope="module")
+def converted_block(converted, tmp_path_factory):
+    """The same native checkpoint converted with `--dense-int8 block` (I8, 128x128 scales)."""
+    out = tmp_path_factory.mktemp("dsv4_block") / "int"
+    convert(converted.parent / "native", out, ConvertOptions(progress=False, dense_int8="block"))
+    return out
+
+
+def spec_int8(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """SPEC section 2 written out here, apart from the runtime's decoders: `channel` is the byte
+    minus 128 times its row's scale; `block` is q times its 128x128 block's scale."""
+    w = weight.to(torch.float64)
+    if weight.dtype == torch.uint8:
+        return ((w - 128) * scale.to(torch.float64)[:, None]).float()
+    rows, cols = torch.arange(w.shape[0]) // 128, torch.arange(w.shape[1]) // 128
+    return (w * scale.to(torch.float64)[rows][:, cols]).float()
+
+
+def spec_int4(weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """INT4 experts: byte j holds element 2j in its low nibble and 2j+1 in its high one, each
+    q + 8; one scale per 32 elements along K."""
+    u = weight.view(torch.uint8).to(torch.int64)
+    q = torch.empty(*u.shape[:-1], 2 * u.shape[-1], dtype=torch.float64)
+    q[..., 0::2], q[..., 1::2] = u % 16 - 8, u // 16 - 8
+    return (q * scale.to(torch.float64).repeat_interleave(32, dim=-1)).float()
 
 
 @pytest.fixture(scope="module")
@@ -82,10 +108,12 @@ def _tensors(path) -> dict[str, torch.Tensor]:
     return out
 
 
-def test_converted_checkpoint_loads_and_matches_dequantized(converted, vllm_env, monkeypatch):
+@pytest.mark.parametrize("checkpoint", ["converted", "converted_block"])
+def test_converted_checkpoint_loads_and_matches_dequantized(checkpoint, request, vllm_env, monkeypatch):
     from vllm_ampere.quant.linear_w8a16 import Dsv4Int8LinearMethod
     from vllm_ampere.quant.moe_w4a16 import Dsv4Int4MoEMethod
 
+    converted = request.getfixturevalue(checkpoint)
     vc, model = load(converted, monkeypatch)
     assert type(vc.quant_config).__name__ == "Dsv4IntConfig"
     ckpt = _tensors(converted)
@@ -111,24 +139,21 @@ def test_converted_checkpoint_loads_and_matches_dequantized(converted, vllm_env,
         ck = name.removeprefix("model.")
         parts = {"fused_wqa_wkv": ("wq_a", "wkv"), "gate_up_proj": ("w1", "w3")}.get(ck.rsplit(".", 1)[1])
         sources = [ck.rsplit(".", 1)[0] + "." + p for p in parts] if parts else [ck.replace("down_proj", "w2")]
-        w = torch.cat([reference.dequant_int8_channel(ckpt[s + ".weight"], ckpt[s + ".scale"]) for s in sources])
+        w = torch.cat([spec_int8(ckpt[s + ".weight"], ckpt[s + ".scale"]) for s in sources])
         x = torch.randn(5, w.shape[1]).to(torch.bfloat16)
-        if getattr(layer, "is_bmm", False) and layer.weight.numel() == 0:
-            continue  # wo_a on CPU: the stock attention took its BF16 snapshot and freed it (next test)
         if getattr(layer, "is_bmm", False):
-            g = layer.bmm_batch_size
-            xg = torch.randn(5, g, w.shape[1]).to(torch.bfloat16)
-            got = layer.quant_method.apply_grouped(layer, xg).float()
-            want = torch.einsum("tgk,grk->tgr", xg.float(), w.view(g, -1, w.shape[1]))
-        else:
-            got = layer.quant_method.apply(layer, x).float()
-            want = x.float() @ w.T
+            # wo_a on CPU: the stock attention took its BF16 snapshot and freed the weight
+            # (test_wo_a_cpu_snapshot...); its grouped product: test_grouped_wo_a_...
+            assert layer.weight.numel() == 0, name
+            continue
+        got = layer.quant_method.apply(layer, x).float()
+        want = x.float() @ w.T
         torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2, msg=name)
 
     for name, layer in experts.items():
         ck = layer.layer_name.removeprefix("model.")
         e = cfg["n_routed_experts"]
-        deq = {s: torch.stack([reference.dequant_int4(ckpt[f"{ck}.{i}.{s}.weight"], ckpt[f"{ck}.{i}.{s}.scale"])
+        deq = {s: torch.stack([spec_int4(ckpt[f"{ck}.{i}.{s}.weight"], ckpt[f"{ck}.{i}.{s}.scale"])
                                for i in range(e)]) for s in ("w1", "w2", "w3")}
         x = torch.randn(7, cfg["hidden_size"]).to(torch.bfloat16)
         ids = torch.stack([torch.randperm(e)[:2] for _ in range(7)]).to(torch.int32)
@@ -138,8 +163,9 @@ def test_converted_checkpoint_loads_and_matches_dequantized(converted, vllm_env,
         for t in range(7):
             for k in range(2):
                 i = int(ids[t, k])
-                h = reference.swiglu(torch.cat([deq["w1"][i] @ x[t].float(), deq["w3"][i] @ x[t].float()]),
-                                     cfg["swiglu_limit"])
+                gate, up = deq["w1"][i] @ x[t].float(), deq["w3"][i] @ x[t].float()
+                limit = cfg["swiglu_limit"]  # DeepSeek-V4's clamped SwiGLU
+                h = torch.nn.functional.silu(gate.clamp(max=limit)) * up.clamp(-limit, limit)
                 want[t] += wts[t, k] * (deq["w2"][i] @ h)
         torch.testing.assert_close(got, want, atol=3e-2 * want.abs().max().item(), rtol=3e-2, msg=name)
 
@@ -162,8 +188,35 @@ def test_wo_a_cpu_snapshot_is_the_dequantized_weight(converted, vllm_env, monkey
     assert len(seen) == json.loads((converted / "config.json").read_text())["num_hidden_layers"]
     for prefix, got in seen.items():
         ck = prefix.removeprefix("model.")
-        want = reference.dequant_int8_channel(ckpt[ck + ".weight"], ckpt[ck + ".scale"])
-        torch.testing.assert_close(got, want, rtol=0, atol=0, msg=prefix)
+        want = spec_int8(ckpt[ck + ".weight"], ckpt[ck + ".scale"])
+        torch.testing.assert_close(got.float(), want, rtol=0, atol=0, msg=prefix)
+
+
+def test_grouped_wo_a_is_each_group_of_rows_on_its_slice(converted, vllm_env):
+    """wo_a as DeepSeek-V4 builds it (ColumnParallelLinear, is_bmm, one group per o_group),
+    loaded through its parameters' loaders: apply_grouped applies group g's rows to x[:, g]."""
+    from vllm.config import VllmConfig, set_current_vllm_config
+    from vllm.model_executor.layers.linear import ColumnParallelLinear
+
+    from vllm_ampere.quant.config import Dsv4IntConfig
+
+    cfg = json.loads((converted / "config.json").read_text())
+    ckpt = _tensors(converted)
+    weight, scale = ckpt["layers.0.attn.wo_a.weight"], ckpt["layers.0.attn.wo_a.scale"]
+    groups, (n, k) = cfg["o_groups"], weight.shape
+    with set_current_vllm_config(VllmConfig()):
+        wo_a = ColumnParallelLinear(k, n, bias=False, quant_config=Dsv4IntConfig.from_config(cfg["quantization_config"]),
+                                    prefix="model.layers.0.attn.wo_a", params_dtype=torch.bfloat16)
+    wo_a.is_bmm, wo_a.bmm_batch_size = True, groups  # as DeepseekV4Attention sets them
+    wo_a.weight.weight_loader(wo_a.weight, weight)
+    wo_a.weight_scale_inv.weight_loader(wo_a.weight_scale_inv, scale)
+    wo_a.quant_method.process_weights_after_loading(wo_a)
+    x = torch.randn(3, groups, k, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    got = wo_a.quant_method.apply_grouped(wo_a, x).float()
+    want = torch.einsum("tgk,grk->tgr", x.float(), spec_int8(weight, scale).view(groups, n // groups, k))
+    torch.testing.assert_close(got, want, atol=2e-2 * want.abs().max().item(), rtol=2e-2)
+    with pytest.raises(RuntimeError, match="grouped"):
+        wo_a.quant_method.apply(wo_a, x[:, 0])
 
 
 def _edit(src, dst, change):
@@ -271,7 +324,8 @@ def test_strategy_and_tensors_disagree(converted, vllm_env, monkeypatch, tmp_pat
     with pytest.raises(Dsv4IntLoadError, match=r"layers\.\d+\.\S+\.(weight|scale): expected .*it is a 'block' "
                        r"tensor, but config\.json's quantization_config says strategy 'channel'.*model\.safetensors"):
         load(said_channel, monkeypatch)
-    # The same tensors under a config that says `block` load (the per-layer values are checked above).
+    # The same tensors under a config that says `block` load (a real `block` conversion's values:
+    # test_converted_checkpoint_loads_and_matches_dequantized[converted_block]).
     _set_strategy(said_channel, "block")
     load(said_channel, monkeypatch)
 
