@@ -34,8 +34,9 @@ def _direct(q, rows_per_query, scale, sink):
     return torch.stack(outs), torch.stack(lses)
 
 
-def _paged_cache(num_blocks, block_size, gen, pad_bytes=576):
-    """A random fp8_ds_mla cache with padded block stride, plus the dequantized rows per slot."""
+def _paged_cache(num_blocks, block_size, gen, pad_bytes=576, with_kv=False):
+    """A random fp8_ds_mla cache with padded block stride, plus the dequantized rows per slot
+    (and the bf16 rows stored, with_kv)."""
     stride = block_size * ref.TOKEN_BYTES + pad_bytes
     storage = torch.zeros(num_blocks * stride, dtype=torch.uint8)
     cache = storage.as_strided((num_blocks, block_size, ref.TOKEN_BYTES), (stride, ref.TOKEN_DATA_BYTES, 1))
@@ -43,7 +44,7 @@ def _paged_cache(num_blocks, block_size, gen, pad_bytes=576):
     slots = torch.arange(num_blocks * block_size)
     ref.insert_fp8_ds_mla(cache, block_size, slots, kv)
     deq = ref.dequantize_fp8_ds_mla(cache, block_size, slots, torch.ones_like(slots, dtype=torch.bool))
-    return cache, deq.double()
+    return (cache, deq.double(), kv) if with_kv else (cache, deq.double())
 
 
 def _rows(deq, idx, length, num_slots):
@@ -65,9 +66,14 @@ def test_quantization_round_trip_is_vllms_format():
     assert data.shape == (8, 576) and scales.shape == (8, 8)
     assert (scales[:, 7] == 0).all()  # padding scale byte
     assert torch.equal(data[:, 448:].contiguous().view(torch.bfloat16), kv[:, 448:])  # RoPE kept
-    cache, deq = _paged_cache(2, 4, gen)
-    rel = (deq[:, :448] - deq[:, :448].round()).abs().max()
-    assert rel >= 0  # dequantized values exist; fp8 error bound below
+    cache, deq, kv = _paged_cache(2, 4, gen, with_kv=True)
+    # NoPE: e4m3 (3 mantissa bits) under one power-of-two scale per 64 values that keeps the
+    # block's amax within 448: every value is off by at most half an e4m3 step at the amax.
+    nope, stored = deq[:, :448].view(8, 7, 64), kv[:, :448].double().view(8, 7, 64)
+    bound = stored.abs().amax(-1, keepdim=True) * 2.0**-4
+    assert ((nope - stored).abs() <= bound).all()
+    assert (nope != stored).any()  # and it is quantized, not kept
+    assert torch.equal(deq[:, 448:], kv[:, 448:].double())  # RoPE dims exact
     back = ref.dequantize_fp8_ds_mla(cache, 4, torch.arange(8), torch.ones(8, dtype=torch.bool))
     assert torch.equal(back.to(torch.bfloat16).float(), back), "dequantized rows must be exact in bf16"
 
