@@ -121,6 +121,15 @@ def test_oom_and_tail_read_from_an_offset(tmp_path):
     with open(log, "a") as f:
         f.write("RuntimeError: [enforce fail at alloc_cpu.cpp:121] DefaultCPUAllocator: not enough memory\n")
     assert "DefaultCPUAllocator" in find_oom(log, offset)
+    # Our own probes' access lines (a scrape every 2 s) do not push the cause out of a tail.
+    with open(log, "a") as f:
+        f.write("(EngineCore pid=9) ERROR EngineCore encountered a fatal error\n")
+        for _ in range(50):
+            f.write('(APIServer pid=8) INFO:     127.0.0.1:55434 - "GET /metrics HTTP/1.1" 200 OK\n')
+        f.write('(APIServer pid=8) INFO:     127.0.0.1:55435 - "POST /v1/completions HTTP/1.1" 500 Internal Server Error\n')
+    assert tail(log, 2, offset) == [
+        "(EngineCore pid=9) ERROR EngineCore encountered a fatal error",
+        '(APIServer pid=8) INFO:     127.0.0.1:55435 - "POST /v1/completions HTTP/1.1" 500 Internal Server Error']
 
 
 def test_client_command_is_the_seed_shape(tmp_path):

@@ -55,9 +55,14 @@ def _log_lines(path: Path, start: int) -> list[str]:
         return []
 
 
+# The server's access-log lines of our own probes (the watchdog scrapes /metrics every few
+# seconds): in a tail they would push out the lines that say why a row failed.
+PROBE_LINE = re.compile(r'"GET /(?:metrics|health|v1/models) HTTP/1\.[01]" \d{3}')
+
+
 def tail(path: Path, lines: int = 40, start: int = 0) -> list[str]:
-    """The last `lines` lines of a log, reading from byte `start` on."""
-    return _log_lines(path, start)[-lines:]
+    """The last `lines` lines of a log from byte `start` on, without our probes' access lines."""
+    return [line for line in _log_lines(path, start) if not PROBE_LINE.search(line)][-lines:]
 
 
 def find_oom(path: Path, start: int = 0) -> str | None:
