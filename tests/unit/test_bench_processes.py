@@ -217,3 +217,70 @@ def test_a_running_servers_model_root_is_the_clients_tokenizer(tmp_path):
         httpd.shutdown()
         httpd.server_close()
     assert server.model_root() is None  # not answering
+
+
+class _RunningServer:
+    """A stand-in for a running `vllm serve` by URL: /health, and /metrics whose prefix-cache
+    counters grow by 1000 queried and 250 hit tokens per scrape."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        scrapes = [0]
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_GET(self):
+                n = scrapes[0] = scrapes[0] + 1
+                body = (f"vllm:generation_tokens_total {16 * n}\nvllm:num_requests_running 0\n"
+                        f"vllm:prefix_cache_queries_total {1000 * n}\nvllm:prefix_cache_hits_total {250 * n}\n").encode()
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args):
+                pass
+
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+@pytest.mark.parametrize("result, log, outcome, reason", [
+    ({"failed": 0, "output_lens": [16, 16], "errors": ["", ""]}, "", "pass", None),
+    ({"failed": 1, "output_lens": [0, 16], "errors": ["Traceback\nClientPayloadError: payload", ""]}, "",
+     "failed", "1 of 2 request(s) failed: ClientPayloadError: payload"),
+    ({"failed": 1, "output_lens": [0, 16], "errors": ["x\nServerDisconnectedError", ""]},
+     "(Worker_PP9 pid=7) torch.OutOfMemoryError: CUDA out of memory. Tried to allocate 114.00 MiB\n", "oom",
+     "1 of 2 request(s) failed: ServerDisconnectedError; server log: (Worker_PP9 pid=7) torch.OutOfMemoryError"),
+])
+def test_run_row_decides_from_the_result_and_the_log(tmp_path, monkeypatch, result, log, outcome, reason):
+    """run_row on a row whose client, a stand-in, writes vLLM's result JSON and ends at once,
+    while the server logs `log`."""
+    import json
+
+    from vllm_ampere.bench import runner
+
+    data = {"completed": 2 - result["failed"], "total_input_tokens": 512, "mean_ttft_ms": 100.0,
+            "mean_tpot_ms": 20.0, "output_throughput": 90.0} | result
+    server_log = tmp_path / "server.log"
+    server_log.write_text("(an earlier row) torch.OutOfMemoryError: CUDA out of memory\n")
+    client = (f"import pathlib, sys; pathlib.Path(sys.argv[1]).write_text({json.dumps(json.dumps(data))}); "
+              f"open({str(server_log)!r}, 'a').write({log!r})")
+    monkeypatch.setattr(runner, "client_command",
+                        lambda row, url, model, rows_dir, name, *rest: [sys.executable, "-c", client, str(rows_dir / name)])
+    fake = _RunningServer()
+    try:
+        server = Server(base_url=fake.url, log_path=server_log)
+        res = runner.run_row(MatrixRow("256", 256, 2, 16), server, "m", tmp_path, runner.WatchConfig(poll_s=0.1))
+    finally:
+        fake.close()
+    assert res.result == outcome, res
+    assert res.reason == reason or res.reason.startswith(reason), res.reason
+    assert res.completed == data["completed"] and res.ttft_mean_s == 0.1
+    assert res.prefix_cache_hit_rate == 0.25  # read from /metrics before and after the row
