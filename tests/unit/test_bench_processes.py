@@ -4,9 +4,14 @@ client command is the seed's."""
 
 from __future__ import annotations
 
+import contextlib
+import http.server
+import itertools
+import json
 import os
 import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -189,16 +194,13 @@ def test_a_start_failure_is_not_blamed_on_an_earlier_oom(tmp_path, monkeypatch):
     assert any("bad argument" in line for line in res.log_tail)
 
 
-def test_a_running_servers_model_root_is_the_clients_tokenizer(tmp_path):
-    import http.server
-    import json
-    import threading
-
-    roots = iter([str(tmp_path), "/no/such/model"])
-
-    class Models(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # vLLM's /v1/models: the served name as id, the loaded path as root
-            body = json.dumps({"object": "list", "data": [{"id": "deepseek-v4-flash", "root": next(roots)}]}).encode()
+@contextlib.contextmanager
+def _serving(answer):
+    """An HTTP server on a free port answering every GET with 200 and answer(path); yields its
+    URL, and is closed (connections refused) after."""
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            body = answer(self.path)
             self.send_response(200)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -207,48 +209,36 @@ def test_a_running_servers_model_root_is_the_clients_tokenizer(tmp_path):
         def log_message(self, *args):
             pass
 
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Models)
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     try:
-        server = Server(base_url=f"http://127.0.0.1:{httpd.server_address[1]}")
-        assert server.model_root() == str(tmp_path)
-        assert server.model_root() is None  # a path this machine does not have: the client's default
+        yield f"http://127.0.0.1:{httpd.server_address[1]}"
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_a_running_servers_model_root_is_the_clients_tokenizer(tmp_path):
+    roots = iter([str(tmp_path), "/no/such/model"])
+    # vLLM's /v1/models: the served name as id, the loaded path as root.
+    models = lambda path: json.dumps({"data": [{"id": "deepseek-v4-flash", "root": next(roots)}]}).encode()  # noqa: E731
+    with _serving(models) as url:
+        server = Server(base_url=url)
+        assert server.model_root() == str(tmp_path)
+        assert server.model_root() is None  # a path this machine does not have: the client's default
     assert server.model_root() is None  # not answering
 
 
-class _RunningServer:
-    """A stand-in for a running `vllm serve` by URL: /health, and /metrics whose prefix-cache
-    counters grow by 1000 queried and 250 hit tokens per scrape."""
+def _growing_metrics():
+    """/metrics whose prefix-cache counters grow by 1000 queried and 250 hit tokens per scrape."""
+    scrapes = itertools.count(1)
 
-    def __init__(self):
-        import http.server
-        import threading
+    def answer(path):
+        n = next(scrapes)
+        return (f"vllm:generation_tokens_total {16 * n}\nvllm:num_requests_running 0\n"
+                f"vllm:prefix_cache_queries_total {1000 * n}\nvllm:prefix_cache_hits_total {250 * n}\n").encode()
 
-        scrapes = [0]
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):
-                n = scrapes[0] = scrapes[0] + 1
-                body = (f"vllm:generation_tokens_total {16 * n}\nvllm:num_requests_running 0\n"
-                        f"vllm:prefix_cache_queries_total {1000 * n}\nvllm:prefix_cache_hits_total {250 * n}\n").encode()
-                self.send_response(200)
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
-        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
+    return answer
 
 
 @pytest.mark.parametrize("result, log, outcome, reason", [
@@ -262,8 +252,6 @@ class _RunningServer:
 def test_run_row_decides_from_the_result_and_the_log(tmp_path, monkeypatch, result, log, outcome, reason):
     """run_row on a row whose client, a stand-in, writes vLLM's result JSON and ends at once,
     while the server logs `log`."""
-    import json
-
     from vllm_ampere.bench import runner
 
     data = {"completed": 2 - result["failed"], "total_input_tokens": 512, "mean_ttft_ms": 100.0,
@@ -274,12 +262,9 @@ def test_run_row_decides_from_the_result_and_the_log(tmp_path, monkeypatch, resu
               f"open({str(server_log)!r}, 'a').write({log!r})")
     monkeypatch.setattr(runner, "client_command",
                         lambda row, url, model, rows_dir, name, *rest: [sys.executable, "-c", client, str(rows_dir / name)])
-    fake = _RunningServer()
-    try:
-        server = Server(base_url=fake.url, log_path=server_log)
+    with _serving(_growing_metrics()) as url:
+        server = Server(base_url=url, log_path=server_log)
         res = runner.run_row(MatrixRow("256", 256, 2, 16), server, "m", tmp_path, runner.WatchConfig(poll_s=0.1))
-    finally:
-        fake.close()
     assert res.result == outcome, res
     assert res.reason == reason or res.reason.startswith(reason), res.reason
     assert res.completed == data["completed"] and res.ttft_mean_s == 0.1
