@@ -171,7 +171,9 @@ def test_gemm_rejects_bad_inputs():
     packed = w8a16.repack(w, scale)
     with pytest.raises(ValueError, match="bfloat16|float16"):
         w8a16.gemm(torch.zeros(2, 64), packed, scale)
-    with pytest.raises(ValueError, match="packed for"):
+    with pytest.raises(ValueError, match="packed for K = 64"):
         w8a16.gemm(torch.zeros(2, 96, dtype=torch.bfloat16), packed, scale)
+    with pytest.raises(ValueError, match="a has K = 48; the weight was packed for K = 64"):
+        w8a16.gemm(torch.zeros(2, 48, dtype=torch.bfloat16), packed, scale)  # same two k-tiles of 32
     with pytest.raises(ValueError, match="scale"):
         w8a16.gemm(torch.zeros(2, 64, dtype=torch.bfloat16), packed, scale[:16])

@@ -4,8 +4,8 @@ API (the runtime's INT8 linear method calls these):
     packed = repack(weight_u8, scale)   # once, at load: uint8 [N, K] (q + 128), bf16 [N]
     out = gemm(a, packed, scale)        # a: bf16|fp16 [M, K] -> [M, N] in a's dtype
 
-`packed` is a `W8A16Weight`: the weight in the kernel's n16k32 tile order plus a small int32
-lock buffer that the split-K kernel uses and leaves zeroed (the Marlin workspace idea). The scale
+`packed` is a `W8A16Weight`: the weight in the kernel's n16k32 tile order, its K, and a small
+int32 lock buffer that the split-K kernel uses and leaves zeroed (the Marlin workspace idea). The scale
 is used as loaded. One packed weight must not be in two gemm calls running at once on different
 streams (they would share the locks); each layer owning its weight satisfies this.
 
@@ -58,6 +58,7 @@ DSV4_FLASH_SHAPES = {
 class W8A16Weight(NamedTuple):
     qweight: torch.Tensor  # uint8 [N/16, ceil(K/32), 512], n16k32 tile order
     locks: torch.Tensor    # int32 [ceil(N/64)], zero between calls
+    k: int                 # the weight's K: the tiles alone cannot tell K = 48 from K = 64
 
 
 def _check_weight(weight_u8: torch.Tensor, scale: torch.Tensor) -> None:
@@ -98,13 +99,13 @@ def repack(weight_u8: torch.Tensor, scale: torch.Tensor) -> W8A16Weight:
         qweight = torch.ops.vllm_ampere.w8a16_repack(weight_u8.contiguous())
     else:
         qweight = repack_reference(weight_u8)
-    return W8A16Weight(qweight, locks)
+    return W8A16Weight(qweight, locks, weight_u8.shape[1])
 
 
 def gemm_reference(a: torch.Tensor, packed: W8A16Weight, scale: torch.Tensor) -> torch.Tensor:
     """The semantics: fp32 products of a and the integer codes, times the row scale, cast once."""
     _check_gemm(a, packed, scale)
-    q = unpack_reference(packed.qweight, a.shape[1]).float() - 128.0
+    q = unpack_reference(packed.qweight, packed.k).float() - 128.0
     return ((a.float() @ q.T) * scale.float()).to(a.dtype)
 
 
@@ -134,9 +135,8 @@ def gemm(
 def _check_gemm(a: torch.Tensor, packed: W8A16Weight, scale: torch.Tensor) -> None:
     if a.dim() != 2 or a.dtype not in (torch.bfloat16, torch.float16):
         raise ValueError(f"w8a16: a must be bfloat16|float16 [M, K], got {a.dtype} {tuple(a.shape)}")
-    k, k_tiles = a.shape[1], packed.qweight.shape[1]
-    if k == 0 or k % 16 or -(-k // TILE_K) != k_tiles:
-        raise ValueError(f"w8a16: a has K = {k}; the weight was packed for {k_tiles} tiles of {TILE_K}")
+    if a.shape[1] != packed.k:
+        raise ValueError(f"w8a16: a has K = {a.shape[1]}; the weight was packed for K = {packed.k}")
     n = packed.qweight.shape[0] * STRIP_ROWS
     if scale.shape != (n,) or scale.dtype != torch.bfloat16:
         raise ValueError(f"w8a16: scale must be bfloat16 [{n}], got {scale.dtype} {tuple(scale.shape)}")

@@ -192,7 +192,8 @@ class Dsv4Int8LinearMethod(LinearMethodBase):
         if self.paths.linear is LinearPath.OURS:
             from vllm_ampere.ops import w8a16
 
-            return w8a16.gemm(x2d, w8a16.W8A16Weight(layer.weight[g], layer.dsv4_locks[g]), layer.weight_scale_inv[g])
+            packed = w8a16.W8A16Weight(layer.weight[g], layer.dsv4_locks[g], layer.input_size_per_partition)
+            return w8a16.gemm(x2d, packed, layer.weight_scale_inv[g])
         from vllm.model_executor.layers.quantization.utils.marlin_utils import apply_gptq_marlin_linear
         from vllm.scalar_type import scalar_types
 
