@@ -5,9 +5,9 @@ API (the runtime's INT8 linear method calls these):
     out = gemm(a, packed, scale)        # a: bf16|fp16 [M, K] -> [M, N] in a's dtype
 
 `packed` is a `W8A16Weight`: the weight in the kernel's n16k32 tile order, its K, and a small
-int32 lock buffer that the split-K kernel uses and leaves zeroed (the Marlin workspace idea). The scale
-is used as loaded. One packed weight must not be in two gemm calls running at once on different
-streams (they would share the locks); each layer owning its weight satisfies this.
+int32 lock buffer that the split-K kernel uses and leaves zeroed (the Marlin workspace idea).
+The scale is used as loaded. One packed weight must not be in two gemm calls running at once on
+different streams (they would share the locks); each layer owning its weight satisfies this.
 
 Dispatch of gemm:
   * CPU tensors: gemm_reference (how CPU CI and the CPU engine run).
