@@ -9,6 +9,7 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
 #include <optional>
 
@@ -156,8 +157,10 @@ void sparse_decode_fwd(const Tensor& q, const Tensor& k_cache, const Tensor& ind
   Tensor lse_partial = at::empty({parts}, q.options().dtype(at::kFloat));
   p.o_partial = o_partial.data_ptr<float>();
   p.lse_partial = lse_partial.data_ptr<float>();
-  TORCH_CHECK(b * s_q * p.num_splits <= INT32_MAX, "decode grid too large: ", std::to_string(b * s_q),
-              " queries x ", std::to_string(p.num_splits), " splits");
+  // Grids: the split kernel's b*s_q*num_splits CTAs, the combine's one per (query, head).
+  TORCH_CHECK(b * s_q * std::max<int64_t>(p.num_splits, h_q) <= INT32_MAX, "decode grid too large: ",
+              std::to_string(b * s_q), " queries x ", std::to_string(p.num_splits), " splits or ",
+              std::to_string(h_q), " heads");
   const cudaError_t err = sparse_decode(p, c10::cuda::getCurrentCUDAStream());
   TORCH_CHECK(err == cudaSuccess, "vllm_ampere sparse decode launch failed: ", cudaGetErrorString(err));
 }
