@@ -134,6 +134,8 @@ def select_kernel_paths(imma: ImmaDecision, capability: int | None,
         attention = "vllm_ampere FlashMLA (sm80)" if have_flashmla else "torch reference sparse MLA"
         if not have_flashmla:
             reasons.append("vllm_ampere._flashmla_C not built")
+        reasons.append("the sm8x compressor and indexer are torch code that reads the GPU from the host: "
+                       "vLLM runs DeepSeek-V4 without CUDA graphs here (attention/backend.py)")
     else:
         attention = "stock vLLM FlashMLA"
     return KernelPaths(moe, linear, attention, tuple(reasons))

@@ -63,6 +63,7 @@ def test_kernel_paths_table():
     assert select_kernel_paths(off, 75, True, True).moe == "refused"
     sm86 = select_kernel_paths(on, 86, True, True)
     assert "W4A8" in sm86.moe and "vllm_ampere W8A16" in sm86.linear and "vllm_ampere FlashMLA" in sm86.attention
+    assert any("without CUDA graphs" in r for r in sm86.reasons)
     sm80_bare = select_kernel_paths(off, 80, False, False)
     assert "W4A16" in sm80_bare.moe and "Marlin W8A16" in sm80_bare.linear
     assert any("_C not built" in r for r in sm80_bare.reasons)
