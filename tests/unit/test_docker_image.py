@@ -102,13 +102,20 @@ def test_arch_list_and_extensions():
     assert "'vllm_ampere._C', 'vllm_ampere._flashmla_C'" in runtime
 
 
-def test_runtime_can_build_triton_launchers():
+def test_runtime_can_compile_kernels_at_first_use():
     """Triton compiles its driver module and kernel launchers at first use, with the system C
-    compiler and Python.h (triton/runtime/build.py: _find_compiler, sysconfig include)."""
+    compiler and Python.h (triton/runtime/build.py: _find_compiler, sysconfig include); TileLang
+    (DeepSeek-V4's mHC kernels) compiles with nvcc -ccbin g++ (tilelang/contrib/nvcc.py)."""
     runtime = _stages(DOCKERFILE_TEXT)["runtime"]
     packages = re.search(r"apt-get install -y --no-install-recommends ([^&]*)", runtime).group(1).split()
-    assert {"gcc", "libc6-dev", "python3-dev"} <= set(packages)
+    assert {"gcc", "g++", "libc6-dev", "python3-dev"} <= set(packages)
+    assert {'"cuda-nvcc-${CUDA_DASH}"', '"cuda-cudart-dev-${CUDA_DASH}"', '"cuda-cccl-${CUDA_DASH}"'} <= set(packages)
+    assert 'CUDA_DASH="${CUDA_VERSION//./-}"' in runtime and "\nARG CUDA_VERSION\n" in runtime
+    dash = subprocess.run(["bash", "-c", 'v=' + pins.CUDA_VERSION + '; echo "${v//./-}"'], capture_output=True,
+                          text=True).stdout.strip()
+    assert re.fullmatch(r"\d+-\d+", dash), dash  # the apt packages' version suffix, e.g. 13-0
     assert "b._find_compiler('c')" in runtime and "Python.h" in runtime  # checked at build time
+    assert "nvcc --version" in runtime and "g++ --version" in runtime
     import triton.runtime.build as build  # the check calls a private helper: fail here if it moves
 
     assert callable(build._find_compiler)
