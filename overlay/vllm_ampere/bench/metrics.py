@@ -74,12 +74,20 @@ def from_text(text: str, t: float) -> Sample:
     )
 
 
+_SCRAPE_ERRORS = (urllib.error.URLError, OSError, ValueError)
+
+
+def _metrics_text(base_url: str, timeout_s: float) -> str:
+    """GET `{base_url}/metrics` (raises one of _SCRAPE_ERRORS)."""
+    with urllib.request.urlopen(f"{base_url.rstrip('/')}/metrics", timeout=timeout_s) as r:
+        return r.read().decode("utf-8", "replace")
+
+
 def cache_counters(base_url: str, timeout_s: float = 5.0) -> dict[str, float]:
     """The prefix-cache counters the server exposes now; empty when the scrape fails."""
     try:
-        with urllib.request.urlopen(f"{base_url.rstrip('/')}/metrics", timeout=timeout_s) as r:
-            return parse_prometheus(r.read().decode("utf-8", "replace"), PREFIX_CACHE + EXTERNAL_PREFIX_CACHE)
-    except (urllib.error.URLError, OSError, ValueError):
+        return parse_prometheus(_metrics_text(base_url, timeout_s), PREFIX_CACHE + EXTERNAL_PREFIX_CACHE)
+    except _SCRAPE_ERRORS:
         return {}
 
 
@@ -96,7 +104,6 @@ def scrape(base_url: str, timeout_s: float = 5.0) -> Sample:
     """GET `{base_url}/metrics`; never raises: a failure comes back as a Sample with `error`."""
     t = time.monotonic()
     try:
-        with urllib.request.urlopen(f"{base_url.rstrip('/')}/metrics", timeout=timeout_s) as r:
-            return from_text(r.read().decode("utf-8", "replace"), t)
-    except (urllib.error.URLError, OSError, ValueError) as e:
+        return from_text(_metrics_text(base_url, timeout_s), t)
+    except _SCRAPE_ERRORS as e:
         return Sample(t, error=f"{type(e).__name__}: {e}")
