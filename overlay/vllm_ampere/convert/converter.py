@@ -98,7 +98,7 @@ def convert(src: str | Path, dst: str | Path, options: ConvertOptions = ConvertO
             manifest["shards"].pop(file, None)
             todo.append(file)
     jobs = {file: _job(source, dst, file, options, grid) for file in todo}
-    total = sum((Path(src) / f).stat().st_size for f in todo)
+    total = sum(stamps[f][0] for f in todo)  # bytes to read
 
     def record(file: str, entry: dict) -> None:
         # The source shards it was made from, as they were: --resume redoes it if one changed.
