@@ -4,20 +4,18 @@ client command is the seed's."""
 
 from __future__ import annotations
 
-import contextlib
-import http.server
 import itertools
 import json
 import os
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import psutil
 import pytest
 
+from http_stub import serving
 from vllm_ampere.bench.matrix import MatrixRow
 from vllm_ampere.bench.processes import Server, find_oom, start_owned, stop_owned, tail
 from vllm_ampere.bench.runner import client_command, shortfall
@@ -194,35 +192,11 @@ def test_a_start_failure_is_not_blamed_on_an_earlier_oom(tmp_path, monkeypatch):
     assert any("bad argument" in line for line in res.log_tail)
 
 
-@contextlib.contextmanager
-def _serving(answer):
-    """An HTTP server on a free port answering every GET with 200 and answer(path); yields its
-    URL, and is closed (connections refused) after."""
-    class Handler(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            body = answer(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args):
-            pass
-
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{httpd.server_address[1]}"
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
-
-
 def test_a_running_servers_model_root_is_the_clients_tokenizer(tmp_path):
     roots = iter([str(tmp_path), "/no/such/model"])
     # vLLM's /v1/models: the served name as id, the loaded path as root.
     models = lambda path: json.dumps({"data": [{"id": "deepseek-v4-flash", "root": next(roots)}]}).encode()  # noqa: E731
-    with _serving(models) as url:
+    with serving(models) as url:
         server = Server(base_url=url)
         assert server.model_root() == str(tmp_path)
         assert server.model_root() is None  # a path this machine does not have: the client's default
@@ -262,7 +236,7 @@ def test_run_row_decides_from_the_result_and_the_log(tmp_path, monkeypatch, resu
               f"open({str(server_log)!r}, 'a').write({log!r})")
     monkeypatch.setattr(runner, "client_command",
                         lambda row, url, model, rows_dir, name, *rest: [sys.executable, "-c", client, str(rows_dir / name)])
-    with _serving(_growing_metrics()) as url:
+    with serving(_growing_metrics()) as url:
         server = Server(base_url=url, log_path=server_log)
         res = runner.run_row(MatrixRow("256", 256, 2, 16), server, "m", tmp_path, runner.WatchConfig(poll_s=0.1))
     assert res.result == outcome, res

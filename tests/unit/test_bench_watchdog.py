@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import http.server
-import threading
-
 import pytest
 
+from http_stub import serving
 from vllm_ampere.bench.metrics import (EXTERNAL_PREFIX_CACHE, GENERATED, PREFIX_CACHE, RUNNING, Sample, cache_counters,
                                        from_text, hit_rate, parse_prometheus, scrape)
 from vllm_ampere.bench.processes import free_port
@@ -57,27 +55,13 @@ def test_a_page_without_vllm_series_is_an_error_sample():
     assert not s.ok and "generation_tokens_total" in s.error
 
 
-class _Metrics(http.server.BaseHTTPRequestHandler):
-    def do_GET(self):
-        body = REAL_METRICS.encode()
-        self.send_response(200 if self.path == "/metrics" else 404)
-        self.send_header("Content-Length", str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
-
-    def log_message(self, *args):
-        pass
-
-
 def test_scrape_over_http_and_a_closed_port():
-    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Metrics)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    try:
-        s = scrape(f"http://127.0.0.1:{httpd.server_address[1]}/")
+    paths = []
+    with serving(lambda path: paths.append(path) or REAL_METRICS.encode()) as url:
+        s = scrape(url + "/")
         assert s.ok and (s.running, s.waiting, s.generated, s.finished) == (2.0, 0.0, 32.0, 3.0)
         assert s.as_dict()["vllm:num_requests_running"] == 2.0
-    finally:
-        httpd.shutdown()
+    assert paths == ["/metrics"]
     s = scrape(f"http://127.0.0.1:{free_port()}", timeout_s=1)
     assert not s.ok and "Connection refused" in s.error
 
