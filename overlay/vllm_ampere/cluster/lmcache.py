@@ -106,9 +106,13 @@ def lmcache_python() -> str:
     )
 
 
+def health_url(host: str, http_port: int) -> str:
+    return f"http://{host}:{http_port}/healthcheck"
+
+
 def healthcheck(host: str, http_port: int, timeout: float = 2.0) -> tuple[bool, str]:
     """(healthy, what the server said) for GET /healthcheck."""
-    status, body = http_get(f"http://{host}:{http_port}/healthcheck", timeout)
+    status, body = http_get(health_url(host, http_port), timeout)
     if status != 200:
         return False, f"HTTP {status}: {body}" if status else body
     try:
@@ -136,6 +140,6 @@ def start_server(cluster: Cluster, log_path: Path, python: str | None = None,
     stop_owned(proc)
     tail = log_path.read_text(errors="replace")[-3000:]
     raise RuntimeError(
-        f"LMCache server not healthy at http://{host}:{cluster.lmcache.http_port}/healthcheck "
+        f"LMCache server not healthy at {health_url(host, cluster.lmcache.http_port)} "
         f"(exit code {proc.returncode}, last answer: {said}); log {log_path}:\n{tail}"
     )

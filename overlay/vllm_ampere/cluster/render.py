@@ -100,7 +100,7 @@ class LaunchPlan:
         lines = [f"# node {node.name} ({node.address}, {node.gpus} GPU)"]
         lines += [f"export {k}={shlex.quote(v)}" for k, v in self.node_env(node).items()]
         if lmcache.runs_on(c, node):  # first: a worker's `ray start --block` never returns
-            url = f"http://{node.address}:{c.lmcache.http_port}/healthcheck"
+            url = lmcache.health_url(node.address, c.lmcache.http_port)
             probe = "import sys, urllib.request; urllib.request.urlopen(sys.argv[1], timeout=2)"
             lines.append(f"{shlex.join(self.lmcache_argv())} > {log / 'lmcache.log'} 2>&1 &")
             lines.append(f"until python3 -c {shlex.quote(probe)} {url} 2>/dev/null; do sleep 1; done")
