@@ -11,26 +11,20 @@ _NEEDED = ("k_cache", "topk_tokens", "topk_indices_buffer", "skip_k_cache_insert
            "dcp_world_size", "use_pcp", "candidate_blocks")
 
 
-def _on_sm8x() -> bool:
-    from vllm.platforms import current_platform
-
-    from vllm_ampere.attention.backend import is_ampere_family
-
-    return current_platform.is_cuda() and is_ampere_family(current_platform.get_device_capability())
-
-
 def _replace(init):
     @functools.wraps(init)
     def init_sm8x(self, *args, **kwargs):
+        from vllm_ampere.attention.backend import platform_on_ampere
+
         try:
             init(self, *args, **kwargs)
         except RuntimeError as e:
-            if not (_on_sm8x() and "DeepGEMM" in str(e)):
+            if not (platform_on_ampere() and "DeepGEMM" in str(e)):
                 raise
             missing = [a for a in _NEEDED if not hasattr(self, a)]
             if missing:  # the stock check moved: refuse rather than run half-built
                 raise RuntimeError(f"SparseAttnIndexer.__init__ changed; {missing} unset") from e
-        if _on_sm8x():
+        if platform_on_ampere():
             from vllm.config import get_current_vllm_config
 
             imma = getattr(get_current_vllm_config().quant_config, "imma", None)
@@ -48,8 +42,9 @@ PATCH = Patch(
     "candidate_blocks: torch.Tensor | None = None, candidate_block_size: int = 0, "
     "candidate_write: bool = False)",
     why="The constructor raises 'Sparse Attention Indexer CUDA op requires DeepGEMM' on any CUDA "
-    "GPU without DeepGEMM, and DeepGEMM has no sm80 kernels; the IMMA decision lives on the "
-    "quant config, which the op does not keep.",
+    "GPU where vLLM has no DeepGEMM package (a build without it; the PyPI CUDA wheel vendors one "
+    "in vllm/third_party/deep_gemm, which imports on sm8x but has no sm8x kernels); the IMMA "
+    "decision lives on the quant config, which the op does not keep.",
     how="On sm8x only, lets that one error pass once every attribute the sm8x forward reads is "
     "set (otherwise re-raises), and stores `vllm_ampere_imma` from "
     "vllm_config.quant_config.imma (dsv4_int's flag; False for other configs).",

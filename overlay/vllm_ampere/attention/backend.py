@@ -61,6 +61,13 @@ def is_ampere_family(capability: DeviceCapability | None) -> bool:
     return capability is not None and capability.major == AMPERE_MAJOR
 
 
+def platform_on_ampere() -> bool:
+    """Whether this process's vLLM platform is an sm8x CUDA GPU (for code that has no tensor)."""
+    from vllm.platforms import current_platform
+
+    return current_platform.is_cuda() and is_ampere_family(current_platform.get_device_capability())
+
+
 def check_capability(capability: DeviceCapability | None) -> None:
     if capability is not None and capability.major < AMPERE_MAJOR:
         raise UnsupportedGPUError(
