@@ -65,8 +65,8 @@ def moe(
     Returns [T, H] in x's dtype, without the routed scaling factor (vLLM's runner applies it).
     """
     ids = topk_ids.long()
-    if expert_map is not None:
-        ids = expert_map[ids].long()
+    if expert_map is not None:  # an id of -1 (no expert) must stay -1, not index the last entry
+        ids = torch.where(ids >= 0, expert_map[ids.clamp(min=0)].long(), -1)
     out = torch.zeros(x.shape[0], w2.shape[1], dtype=torch.float32, device=x.device)
     xs = x.to(w13.dtype)
     # One matmul per expert over the tokens routed to it.
