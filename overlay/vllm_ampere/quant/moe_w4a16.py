@@ -13,8 +13,8 @@ columns of w2; scales by the same groups) slicing; scales load as "group" scales
 After loading, on CUDA: the bytes are reinterpreted as GPTQ words (marlin_layout) and handed to
 vLLM's WNA16 Marlin preparation (transpose to K-first, gptq_marlin_moe_repack, group-32
 marlin_moe_permute_scales, uint4b8), which is also what builds the W4A8 variant (IMMA on:
-is_a_8bit repack and marlin_act_int8_process_scales). On CPU: dequantized once to BF16 and run
-per expert by reference.moe.
+is_a_8bit repack and marlin_act_int8_process_scales, whose 12-bit scales are checked and reported
+per layer first). On CPU: dequantized once to BF16 and run per expert by reference.moe.
 """
 
 from __future__ import annotations
@@ -33,6 +33,13 @@ logger = init_logger(__name__)
 
 GROUP = reference.INT4_GROUP
 SHARDS = ("w1", "w2", "w3")
+# vLLM 0.32.0's W4A8 Marlin keeps a layer's group scales as integers below this times one factor,
+# max(s) / 4096 (marlin_utils.marlin_act_int8_process_scales, computed in the scales' dtype).
+W4A8_SCALE_LEVELS = 4096
+# Warn above this relative L2 error of the rounded scales (per output row): INT4 with MSE-searched group-32 scales
+# already loses about 8.6% (relative L2 on Gaussian weights); errors add in quadrature, so 2% more
+# raises that by about 3% of itself.
+W4A8_WARN_REL = 0.02
 
 
 class Dsv4Int4MoEMethod(FusedMoEMethodBase):
@@ -118,6 +125,9 @@ class Dsv4Int4MoEMethod(FusedMoEMethodBase):
 
         from vllm_ampere.quant.marlin_layout import int4_words_n_first
 
+        if self.input_dtype == torch.int8:
+            for name in ("w13_weight_scale_inv", "w2_weight_scale_inv"):
+                report_w4a8_scales(f"{self.prefix}.{name}", getattr(layer, name).data)
         backend = (WNA16MoEBackend.BATCHED_MARLIN if self.moe.moe_parallel_config.use_batched_activation_format
                    else WNA16MoEBackend.MARLIN)
         # vLLM's Marlin preparation reads the format from a QuantizationArgs (the compressed-tensors
@@ -161,6 +171,53 @@ class Dsv4Int4MoEMethod(FusedMoEMethodBase):
             activation=layer.activation, global_num_experts=layer.global_num_experts,
             expert_map=layer.expert_map, apply_router_weight_on_input=layer.apply_router_weight_on_input,
             shared_experts=shared_experts, shared_experts_input=shared_experts_input)
+
+
+def w4a8_levels(scale: torch.Tensor, top: torch.Tensor) -> torch.Tensor:
+    """The integer levels vLLM's W4A8 preparation stores for `scale` given the layer's max `top`
+    (the same elementwise steps as marlin_act_int8_process_scales, so chunks give equal results)."""
+    return (scale / top * W4A8_SCALE_LEVELS).round()
+
+
+def w4a8_scale_loss(scale: torch.Tensor, experts_per_chunk: int = 8) -> tuple[float, float, float]:
+    """What the W4A8 rounding does to one layer's group scales [E, N, K/32], per output row (each
+    row of each expert is one output's weights): (root mean square over rows of the row's relative
+    L2 error, the worst row's, share of the scales that were nonzero and become 0). Where the INT4
+    codes spread alike in every group (as MSE-searched scales make them), a row's scale error is
+    also its weights' error. Per row, not over the layer: one outlier scale can zero every other
+    row's scales while the layer-wide L2 error stays small. Chunked over experts: a whole layer's
+    scales are 134M values at DeepSeek-V4-Flash's dims."""
+    top = scale.max()
+    factor = top.float() / W4A8_SCALE_LEVELS
+    sum_rel2 = worst_rel2 = zeroed = 0.0
+    rows = 0
+    for part in scale.split(experts_per_chunk):
+        levels = w4a8_levels(part, top)
+        s = part.float()
+        ref = s.square().sum(-1)
+        rel2 = torch.where(ref > 0, (s - levels.float() * factor).square().sum(-1) / ref, 0.0)
+        sum_rel2 += rel2.sum().item()
+        worst_rel2 = max(worst_rel2, rel2.max().item())
+        rows += rel2.numel()
+        zeroed += ((levels == 0) & (part != 0)).sum().item()
+    return (sum_rel2 / max(rows, 1)) ** 0.5, worst_rel2 ** 0.5, zeroed / max(scale.numel(), 1)
+
+
+def report_w4a8_scales(name: str, scale: torch.Tensor) -> float:
+    """Log what W4A8 (IMMA on) does to one layer's group scales; warn above W4A8_WARN_REL.
+    Returns the rows' root-mean-square relative error."""
+    rms, worst, zeroed = w4a8_scale_loss(scale)
+    if rms > W4A8_WARN_REL:
+        logger.warning(
+            "dsv4_int %s: W4A8 (IMMA on) stores these group scales as 12-bit multiples of their "
+            "largest (vLLM's Marlin W4A8), which changes the output rows' scales by %.2f%% (relative "
+            "L2, root mean square over rows; worst row %.1f%%; %.3f%% of scales become 0), above "
+            "%.0f%%: INT4 alone loses about 8.6%%. IMMA off (W4A16) keeps the BF16 scales.",
+            name, 100 * rms, 100 * worst, 100 * zeroed, 100 * W4A8_WARN_REL)
+    else:
+        logger.debug("dsv4_int %s: W4A8 scale rounding %.3f%% per row (root mean square; worst %.2f%%), "
+                     "%.3f%% of scales become 0", name, 100 * rms, 100 * worst, 100 * zeroed)
+    return rms
 
 
 def _marlin_experts_cls(moe: FusedMoEConfig):
