@@ -103,6 +103,21 @@ def test_no_full_cuda_graphs_on_sm8x():
         assert resolved.decode_mode() is not CUDAGraphMode.FULL and resolved.mixed_mode() is not CUDAGraphMode.FULL
 
 
+def test_dsv4_default_is_no_cuda_graphs_and_piecewise_is_kept():
+    """What the module doc says: vLLM turns on breakable CUDA graphs for DeepSeek-V4, which sets
+    compilation mode NONE, so with our NEVER the default resolves to NONE; an explicit PIECEWISE
+    stays (it captures around the wide eager region)."""
+    from vllm.config import CompilationConfig, CompilationMode, CUDAGraphMode
+    from vllm.config.vllm import default_breakable_cudagraph_architectures
+    from vllm.v1.attention.backend import AttentionCGSupport
+
+    assert "DeepseekV4ForCausalLM" in default_breakable_cudagraph_architectures()
+    for asked, want in ((CUDAGraphMode.FULL_AND_PIECEWISE, CUDAGraphMode.NONE),
+                        (CUDAGraphMode.PIECEWISE, CUDAGraphMode.PIECEWISE)):
+        cfg = CompilationConfig(mode=CompilationMode.NONE, cudagraph_mode=asked)
+        assert cfg.resolve_cudagraph_mode_and_sizes(AttentionCGSupport.NEVER, "VLLM_AMPERE_SPARSE_DSV4") is want
+
+
 def _paged(num_blocks, block_size, gen):
     stride = block_size * ref.TOKEN_BYTES + 576
     cache = torch.zeros(num_blocks * stride, dtype=torch.uint8).as_strided(

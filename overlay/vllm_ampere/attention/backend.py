@@ -13,9 +13,11 @@ layer (projections, caches, metadata, prefill chunking) and changes what cannot 
 - the attention input preparation (compressor, indexer query) runs in the eager region;
 - no full CUDA graphs: the sm8x compressor and indexer are torch code that reads the GPU from
   the host and has data-dependent shapes (nonzero, .cpu(), int()), which stream capture refuses.
-  Our builders declare AttentionCGSupport.NEVER, so vLLM 0.32.0 lowers its default
-  FULL_AND_PIECEWISE to PIECEWISE, or NONE where attention is not compiled piecewise
-  (CompilationConfig.resolve_cudagraph_mode_and_sizes) instead of capturing them.
+  Our builders declare AttentionCGSupport.NEVER. For DeepSeek-V4, vLLM 0.32.0 turns on its
+  breakable CUDA graphs, which set compilation mode NONE, so the default FULL_AND_PIECEWISE
+  resolves to NONE (CompilationConfig.resolve_cudagraph_mode_and_sizes): decode runs eagerly.
+  An explicit PIECEWISE is kept, and would capture everything outside the wide eager region
+  (below) in breakable graphs; not yet run on a GPU.
 
 patches/attn_select_dsv4_class.py makes the model pick this class on sm8x and refuse below
 sm_80 with a message naming the GPU.
