@@ -49,9 +49,10 @@ def marlin_codes(packed: torch.Tensor, size_k: int, size_n: int, is_a_8bit: bool
     return q.reshape(size_k // rows, size_n // 16, rows, 16).permute(0, 2, 1, 3).reshape(size_k, size_n)
 
 
-def marlin_scales(scales: torch.Tensor) -> torch.Tensor:
-    """Inverse of marlin_permute_scales (grouped) for one expert: [K/32, N]."""
-    perm = torch.tensor(get_scale_perms()[0])
+def marlin_scales(scales: torch.Tensor, grouped: bool) -> torch.Tensor:
+    """Inverse of marlin_permute_scales for one expert: [K/32, N]. W4A8 permutes its group
+    scales with the channel-wise permutation, W4A16 with the grouped one."""
+    perm = torch.tensor(get_scale_perms()[0 if grouped else 1])
     return scales.reshape(-1, perm.numel())[:, torch.argsort(perm)].reshape(scales.shape)
 
 
@@ -103,12 +104,7 @@ def decoded(layer: ExpertsLayer, is_a_8bit: bool) -> dict[str, torch.Tensor]:
         experts = []
         for e in range(E):
             s = scales[e].view(torch.int16).float() * gscale.float() if is_a_8bit else scales[e].float()
-            # W4A8 permutes its scales channel-wise (no group permutation); both undo to [K/32, N].
-            if is_a_8bit:
-                perm = torch.tensor(get_scale_perms()[1])
-                s = s.reshape(-1, perm.numel())[:, torch.argsort(perm)].reshape(s.shape)
-            else:
-                s = marlin_scales(s)
+            s = marlin_scales(s, grouped=not is_a_8bit)
             w = ((marlin_codes(weights[e], k, n, is_a_8bit) - 8).float() * s.repeat_interleave(32, dim=0)).T
             experts.append(torch.cat([w[:inter], w[padded:padded + inter]]) if name == "w13" else w[:, :inter])
         out[name] = torch.stack(experts)
