@@ -1,12 +1,14 @@
-"""The routed experts' Marlin preparation (Dsv4Int4MoEMethod._prepare_marlin) on CPU, through
-vLLM's real preparation (convert_to_wna16_moe_kernel_format, make_wna16_moe_kernel, MarlinExperts).
-The one CUDA op on that path, gptq_marlin_moe_repack, is done by vLLM's Python model of the Marlin
-layout (marlin_utils_test.marlin_weights, which vLLM's kernel tests hold the CUDA repack to). The
+"""The Marlin preparations on CPU: the routed experts' (Dsv4Int4MoEMethod._prepare_marlin, through
+vLLM's real convert_to_wna16_moe_kernel_format, make_wna16_moe_kernel and MarlinExperts) and the
+INT8 linears' fallback (Dsv4Int8LinearMethod._prepare_marlin, vLLM's padding and scale helpers).
+The CUDA repack ops on those paths are done by vLLM's Python model of the Marlin layout
+(marlin_utils_test.marlin_weights, which vLLM's kernel tests hold the CUDA repacks to). The
 prepared weights are decoded back with the inverse layout written here and compared with the
-spec's dequantization: W4A16 exactly, W4A8 within its 12-bit scale rounding, which is reported.
-The Marlin kernel itself runs on a GPU only."""
+spec's dequantization: W4A16 and W8A16 exactly, W4A8 within its 12-bit scale rounding, which is
+reported. The Marlin kernels themselves run on a GPU only."""
 
 import logging
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -23,6 +25,7 @@ from vllm.scalar_type import scalar_types
 from vllm_ampere.convert.codecs import pack_nibbles
 from vllm_ampere.flags import KernelPaths, LinearPath, MoePath
 from vllm_ampere.quant import moe_w4a16, reference
+from vllm_ampere.quant.linear_w8a16 import Dsv4Int8LinearMethod
 
 E, H, LIMIT = 4, 256, 10.0
 
@@ -37,13 +40,20 @@ def repack_by_vllms_model(b_q_weight, size_k, size_n, num_bits, is_a_8bit=False)
     return torch.stack(out)
 
 
-def marlin_codes(packed: torch.Tensor, size_k: int, size_n: int, is_a_8bit: bool) -> torch.Tensor:
-    """Inverse of the Marlin layout of one expert: the [K, N] 4-bit codes."""
-    perm = marlin_utils_test.get_weight_perm(4, is_a_8bit)
+def repack8_by_vllms_model(b_q_weight, size_k, size_n, num_bits, is_a_8bit=False):
+    """gptq_marlin_repack's result for 8-bit GPTQ words [K/4, N]."""
+    q = torch.stack([(b_q_weight >> (8 * j)) & 0xFF for j in range(4)], dim=1).reshape(size_k, size_n)
+    return marlin_utils_test.marlin_weights(q, size_k, size_n, num_bits, marlin_utils_test.get_weight_perm(num_bits))
+
+
+def marlin_codes(packed: torch.Tensor, size_k: int, size_n: int, is_a_8bit: bool, bits: int = 4) -> torch.Tensor:
+    """Inverse of the Marlin layout of one weight: the [K, N] codes."""
+    perm = marlin_utils_test.get_weight_perm(bits, is_a_8bit)
     words = packed.numpy().astype(np.uint32)
-    q = np.zeros((words.shape[0], words.shape[1] * 8), dtype=np.int64)
-    for i in range(8):
-        q[:, i::8] = (words >> (4 * i)) & 0xF
+    per_word = 32 // bits
+    q = np.zeros((words.shape[0], words.shape[1] * per_word), dtype=np.int64)
+    for i in range(per_word):
+        q[:, i::per_word] = (words >> (bits * i)) & ((1 << bits) - 1)
     q = torch.from_numpy(q).reshape(-1, perm.numel())[:, torch.argsort(perm)].reshape(size_k // 16, size_n * 16)
     rows = 32 if is_a_8bit else 16  # k rows of one Marlin tile
     return q.reshape(size_k // rows, size_n // 16, rows, 16).permute(0, 2, 1, 3).reshape(size_k, size_n)
@@ -152,3 +162,30 @@ def test_w4a8_prepares_the_spec_weights_within_its_scale_rounding(octaves, warns
     assert bool(warned) is warns, warned
     if warns:
         assert all("model.layers.0.ffn.experts" in w for w in warned)
+
+
+@pytest.mark.parametrize("groups,rows,k", [(1, 1536, 4096), (2, 48, 96), (1, 100, 200)])  # wq_a; grouped; padded
+def test_int8_linear_marlin_prepares_exactly_the_spec_weights(groups, rows, k, monkeypatch):
+    monkeypatch.setattr(custom_ops, "gptq_marlin_repack", repack8_by_vllms_model)
+    g = torch.Generator().manual_seed(rows + k)
+    q = torch.randint(-127, 128, (groups * rows, k), generator=g)
+    scale = (torch.rand(groups * rows, generator=g) * 1e-2 + 1e-3).bfloat16()
+    layer = torch.nn.Module()
+    layer.weight = torch.nn.Parameter((q + 128).to(torch.uint8), requires_grad=False)
+    layer.weight_scale_inv = torch.nn.Parameter(scale, requires_grad=False)
+    layer.params_dtype = torch.bfloat16
+    layer.dsv4_tracker = SimpleNamespace(check_complete=lambda prefix: None)
+    if groups > 1:  # wo_a: DeepSeek-V4 marks it a bmm over its groups
+        layer.is_bmm, layer.bmm_batch_size = True, groups
+    want = reference.dequant_int8_channel(layer.weight.data, scale).view(groups, rows, k)
+    method = Dsv4Int8LinearMethod("channel", KernelPaths(MoePath.MARLIN_W4A16, LinearPath.MARLIN, "test", ("test",)),
+                                  "model.layers.0.attn.wo_a")
+    method.process_weights_after_loading(layer)
+    pn = layer.weight_scale_inv.shape[-1]
+    pk = layer.weight.shape[1] * 16  # Marlin packs 16 k rows per tile row
+    for grp in range(groups):
+        codes = marlin_codes(layer.weight[grp], pk, pn, is_a_8bit=False, bits=8) - 128
+        s = marlin_scales(layer.weight_scale_inv[grp].float(), grouped=False)
+        got = (codes.float() * s).T[:rows, :k]
+        assert torch.equal(got, want[grp]), grp
+    assert layer.dsv4_zp.numel() == 0
