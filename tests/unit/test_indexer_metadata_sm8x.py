@@ -11,6 +11,7 @@ from vllm.platforms import current_platform
 from vllm.platforms.interface import DeviceCapability
 from vllm.v1.attention.backends.mla import indexer
 
+import vllm_ampere.attention.backend  # noqa: F401 (before the platform is faked: imports CUDA-only modules)
 from vllm_ampere.patches import indexer_metadata_sm8x
 
 

@@ -44,7 +44,9 @@ def sparse_attn_indexer_sm8x(op, hidden_states: torch.Tensor, q: torch.Tensor, w
         batch = dm.decode_lens.shape[0]
         if dm.requires_padding or md.num_decode_tokens != batch:
             raise NotImplementedError(
-                "vllm_ampere's sm8x indexer decodes one token per request (no native MTP yet)")
+                "vllm_ampere's sm8x indexer scores one decode row per request, but the metadata "
+                "builder gave native multi-row (MTP) decode metadata: is the patch "
+                "indexer_native_decode_sm8x installed?")
         seq_lens = dm.seq_lens[:, -1] if dm.seq_lens.ndim == 2 else dm.seq_lens
         values, scales, cu = gather_keys(kv_cache, dm.block_table[:batch], seq_lens[:batch])
         topk_over_ranges(q[:batch], weights[:batch], values, scales, cu[:-1], cu[1:], topk,
