@@ -25,8 +25,8 @@ PATCH = Patch(
     signature="(next_n: int) -> bool",
     why="Without DeepGEMM kernels the stock answer for 2 query rows per request (MTP with one "
     "speculative token) is 'native': the builder then hands the indexer [B, 2] per-row lengths "
-    "with 2B decode tokens, a layout only DeepGEMM's paged MQA logits reads. vllm_ampere's sm8x "
-    "indexer scores one row per request, so every MTP decode step would fail.",
+    "with 2B decode tokens, the layout of DeepGEMM's paged MQA logits. vllm_ampere's sm8x indexer "
+    "scores one row per request, so every MTP decode step would fail.",
     how="On an sm8x CUDA platform, answers True only for one row per request; the builder then "
     "flattens speculative rows into one row per token (its own path for depths without a native "
     "kernel), with per-token lengths and repeated block-table rows, which the sm8x indexer scores "

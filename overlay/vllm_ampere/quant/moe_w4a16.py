@@ -36,9 +36,9 @@ SHARDS = ("w1", "w2", "w3")
 # vLLM 0.32.0's W4A8 Marlin keeps a layer's group scales as integers below this times one factor,
 # max(s) / 4096 (marlin_utils.marlin_act_int8_process_scales, computed in the scales' dtype).
 W4A8_SCALE_LEVELS = 4096
-# Warn above this relative L2 error of the rounded scales (per output row): INT4 with MSE-searched group-32 scales
-# already loses about 8.6% (relative L2 on Gaussian weights); errors add in quadrature, so 2% more
-# raises that by about 3% of itself.
+# Warn above this relative L2 error of the rounded scales (per output row): INT4 with MSE-searched
+# group-32 scales already loses about 8.6% (relative L2 on Gaussian weights); errors add in
+# quadrature, so 2% more raises that by about 3% of itself.
 W4A8_WARN_REL = 0.02
 
 
