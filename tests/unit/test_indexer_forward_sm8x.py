@@ -145,10 +145,11 @@ def test_builder_flattens_mtp_rows_on_sm8x_only(monkeypatch, major, minor):
     monkeypatch.setattr(type(current_platform), "get_device_capability",
                         classmethod(lambda cls, device_id=0: DeviceCapability(major, minor)))
     patch = indexer_native_decode_sm8x.PATCH
-    patched = patch.replace(patch.original())
+    stock = patch.original()  # the stock function, even where the patchset is installed
+    patched = patch.replace(stock)
     monkeypatch.setattr(stock_indexer, "has_deep_gemm", lambda: False)  # as indexer_metadata_sm8x answers
     if major == 8:
         assert [patched(n) for n in (1, 2, 3)] == [True, False, False]
-        assert stock_indexer._supports_native_decode(2)  # stock would hand native rows to our indexer
+        assert stock(2)  # stock would hand native rows to our indexer
     else:
-        assert [patched(n) for n in (1, 2, 3)] == [stock_indexer._supports_native_decode(n) for n in (1, 2, 3)]
+        assert [patched(n) for n in (1, 2, 3)] == [stock(n) for n in (1, 2, 3)]

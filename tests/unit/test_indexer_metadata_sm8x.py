@@ -12,7 +12,7 @@ from vllm.platforms.interface import DeviceCapability
 from vllm.v1.attention.backends.mla import indexer
 
 import vllm_ampere.attention.backend  # noqa: F401 (before the platform is faked: imports CUDA-only modules)
-from vllm_ampere.patches import indexer_metadata_sm8x
+from vllm_ampere.patches import indexer_metadata_sm8x, indexer_native_decode_sm8x
 
 
 @pytest.fixture
@@ -47,6 +47,8 @@ def test_other_readers_answer_as_without_deepgemm(fake_cuda, monkeypatch, major,
     """The module's other has_deep_gemm readers give the same answers on sm8x with the patch
     as stock vLLM gives there: only the schedule-metadata call changes."""
     fake_cuda(major, minor)
+    # The stock native-decode answer (indexer_native_decode_sm8x may be installed in this process).
+    monkeypatch.setattr(indexer, "_supports_native_decode", indexer_native_decode_sm8x.PATCH.original())
 
     def answers():
         return ([indexer._supports_native_decode(n) for n in (1, 2, 3, 4)],
