@@ -82,6 +82,21 @@ def test_partition_and_fit(pp, ctx, monkeypatch):
     assert all(s.kv_needed <= s.kv_pool for s in stages)
 
 
+def test_later_stages_hold_the_pp_receive_buffer():
+    """Stages after the first keep vLLM's persistent buffer for the hidden states they receive:
+    DeepSeek-V4's 4 hyper-connection streams of 4096 BF16 values per batched token."""
+    dep = deployment(10, CONTEXTS["64k"])  # max_num_batched_tokens 2048
+    table = memory.LayerTable.build(FLASH, dep)
+    layers = range(10, 14)  # the same layers, as the first, a middle and the last stage
+
+    def weights(stage):
+        return memory._stage_parts(FLASH, dep, table, stage, layers, 10)["weights"]
+
+    assert memory.pp_receive_bytes(FLASH, 2048) == 2048 * 4 * 4096 * 2 == 64 * 2**20
+    assert weights(5) - (weights(0) - embedding_bytes(FLASH)) == 64 * 2**20
+    assert weights(9) - head_bytes(FLASH) == weights(5)
+
+
 def test_kv_and_transient_grow_with_the_context():
     pools = []
     for ctx in CONTEXTS.values():

@@ -202,6 +202,13 @@ def attention_transient_bytes(dims: ModelDims, layers: range, max_model_len: int
     return prefill_gather_bytes(dims, min(ratios), max_model_len, max_num_batched_tokens)
 
 
+def pp_receive_bytes(dims: ModelDims, tokens: int) -> int:
+    """The persistent buffer a non-first pipeline stage receives hidden states into (vLLM 0.32.0
+    GPUModelRunner: make_empty_intermediate_tensors(max_num_tokens); DeepSeek-V4 sends its
+    hyper-connection streams, [tokens, hc_mult, hidden] in the model dtype)."""
+    return tokens * dims.hc_mult * dims.hidden_size * BF16
+
+
 def step_activation_bytes(dims: ModelDims, tokens: int) -> int:
     """Live activations of one layer for `tokens` tokens at the peak (attention or MoE)."""
     h = dims.hidden_size
@@ -297,6 +304,8 @@ def _stage_parts(dims: ModelDims, dep: Deployment, table: LayerTable, stage: int
         weights += head_bytes(dims)
     # Reserved at model init: topk indices buffer [max_num_batched_tokens, index_topk] int32.
     weights += dep.max_num_batched_tokens * dims.index_topk * 4
+    if stage > 0:  # and the PP receive buffer, [max_num_batched_tokens, hc_mult, hidden] BF16
+        weights += pp_receive_bytes(dims, dep.max_num_batched_tokens)
     activations = step_activation_bytes(dims, dep.max_num_batched_tokens)
     if any(dims.ratios[layer] == 4 for layer in layers):
         activations += INDEXER_LOGITS_MB * MiB
