@@ -92,6 +92,7 @@ class ExpertsLayer(torch.nn.Module):
 
 
 def method(inter: int, path: MoePath, monkeypatch) -> moe_w4a16.Dsv4Int4MoEMethod:
+    # MarlinExperts refuses to be built off CUDA; its kernel is never called here.
     monkeypatch.setattr(marlin_moe.MarlinExpertsBase, "_supports_current_device", staticmethod(lambda: True))
     monkeypatch.setattr(custom_ops, "gptq_marlin_moe_repack", repack_by_vllms_model)
     monkeypatch.setattr(int_wna16.ops, "gptq_marlin_moe_repack", repack_by_vllms_model)
