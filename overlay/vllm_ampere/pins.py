@@ -19,7 +19,8 @@ CUDA_VERSION = "13.0"
 # newer GPUs JIT the sm_80 code (that is how an H200 runs our kernels in tests).
 TORCH_CUDA_ARCH_LIST = "8.0+PTX;8.6"
 # KV cache sidecar (docker/, `vllm-ampere cluster`). 0.5.6's LMCacheMPConnector is the only
-# LMCache connector that handles DeepSeek-V4's several KV cache groups. Its wheel needs
+# LMCache connector that handles DeepSeek-V4's several KV cache groups, and only in its
+# lmcache_driven mode (same node; cluster/lmcache.py). Its wheel needs
 # cupy-cuda13x and cuda-python 13.x: CUDA 13, the same major as CUDA_VERSION above.
 LMCACHE_VERSION = "0.5.6"
 # Ray for pipeline parallelism across nodes (vLLM's `--distributed-executor-backend ray`);

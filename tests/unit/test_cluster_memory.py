@@ -200,14 +200,19 @@ def test_kv_specs_are_deepseek_v4s(deepseek_v4_specs):
 
 def vllm_max_concurrency(dep: Deployment, partition: list[int], pool: int,
                          specs: list[dict]) -> float:
-    """What vLLM's engine core reports at startup for `pool` bytes per GPU: every stage's KV
-    cache config (v1/core/kv_cache_utils.py get_kv_cache_configs), then the requests of
-    max_model_len its blocks hold (get_max_concurrency_for_kv_cache_config)."""
+    """What vLLM's engine core reports at startup for `pool` bytes per GPU: the requests of
+    max_model_len every stage's blocks hold (get_max_concurrency_for_kv_cache_config)."""
+    from vllm.v1.core.kv_cache_utils import get_max_concurrency_for_kv_cache_config
+
+    config, configs = vllm_kv_cache_configs(dep, partition, pool, specs)
+    return min(get_max_concurrency_for_kv_cache_config(config, c) for c in configs)
+
+
+def vllm_kv_cache_configs(dep: Deployment, partition: list[int], pool: int, specs: list[dict]):
+    """(the config fields vLLM reads, every stage's KV cache config), as the engine core builds
+    them at startup for `pool` bytes per GPU (v1/core/kv_cache_utils.py get_kv_cache_configs)."""
     from vllm.config import VllmConfig
-    from vllm.v1.core.kv_cache_utils import (
-        get_kv_cache_configs,
-        get_max_concurrency_for_kv_cache_config,
-    )
+    from vllm.v1.core.kv_cache_utils import get_kv_cache_configs
     from vllm.v1.kv_cache_layout import KVCacheLayout
 
     ns = SimpleNamespace
@@ -230,8 +235,7 @@ def vllm_max_concurrency(dep: Deployment, partition: list[int], pool: int,
     starts = [sum(partition[:i]) for i in range(len(partition))]
     workers = [{name: spec for layer in specs[a:a + n] for name, spec in layer.items()}
                for a, n in zip(starts, partition)]
-    configs = get_kv_cache_configs(config, workers, [pool] * len(workers))
-    return min(get_max_concurrency_for_kv_cache_config(config, c) for c in configs)
+    return config, get_kv_cache_configs(config, workers, [pool] * len(workers))
 
 
 @pytest.mark.parametrize("concurrency", [1, 2, 4])
@@ -251,6 +255,26 @@ def test_vllm_admits_the_planned_concurrency(ctx, concurrency, deepseek_v4_specs
         assert any("does not fit 24.00 GiB" in m and "per request" in m for m in p.problems)
     else:
         assert p.problems == [], p.problems
+
+
+def test_lmcache_engine_driven_cannot_take_a_deepseek_v4_stage(deepseek_v4_specs):
+    """Why lmcache.validate_topology refuses engine_driven (the only LMCache mode that crosses
+    nodes): every stage's KV cache config has several groups, and the pinned LMCache's
+    engine-driven transfer registers one. When a newer LMCache lifts that, this fails: the
+    refusal can then go."""
+    import subprocess
+
+    from vllm_ampere.cluster.lmcache import lmcache_python
+
+    p = plan(load_cluster(EXAMPLE))
+    _, configs = vllm_kv_cache_configs(p.deployment, p.partition, p.stages[0].kv_pool, deepseek_v4_specs)
+    assert min(len(c.kv_cache_groups) for c in configs) > 1
+    code = ("import inspect; from lmcache.v1.multiprocess.transfer_context.worker_transfer import "
+            "EngineDrivenTransferContext as E; print(inspect.getsource(E.register))")
+    source = subprocess.run([lmcache_python(), "-c", code], capture_output=True, text=True, timeout=300)
+    assert source.returncode == 0, source.stderr[-2000:]
+    assert "len(engine_group_infos) > 1" in source.stdout
+    assert "does not support multiple KV" in source.stdout
 
 
 def test_layer_bytes_are_the_converted_checkpoints(tmp_path):

@@ -55,12 +55,18 @@ def test_serve_command_parsed_by_vllm():
     assert args.max_num_batched_tokens == 2048 and args.kv_cache_dtype == "fp8"
     assert args.kv_cache_memory_bytes == p.stages[0].kv_pool
     assert args.served_model_name == ["deepseek-v4-flash"]
-    kv = args.kv_transfer_config
+    assert args.kv_transfer_config is None  # across nodes: no LMCache (lmcache.validate_topology)
+    # One node: LMCache pulls KV through CUDA IPC.
+    single = plan(load_cluster(REPO / "docker/cluster.single-node.yaml"))
+    assert single.problems == []
+    argv = single.serve_argv()
+    ns = make_arg_parser(FlexibleArgumentParser()).parse_args(argv[3:] + ["--model", argv[2]])
+    kv = AsyncEngineArgs.from_cli_args(ns).kv_transfer_config
     assert kv.kv_connector == "LMCacheMPConnector" and kv.kv_role == "kv_both"
     assert kv.kv_connector_extra_config == {
-        "lmcache.mp.host": "tcp://10.0.0.1",
+        "lmcache.mp.host": "tcp://127.0.0.1",
         "lmcache.mp.port": 6555,
-        "lmcache.mp.mp_transfer_mode": "engine_driven",
+        "lmcache.mp.mp_transfer_mode": "lmcache_driven",
     }
 
 
@@ -102,7 +108,7 @@ def test_ray_and_node_scripts():
     argv = p.lmcache_argv("python3")
     for flag, value in [("--host", "10.0.0.1"), ("--port", "6555"), ("--http-port", "6556"),
                         ("--eviction-policy", "LRU"),
-                        ("--supported-transfer-mode", "engine_driven")]:
+                        ("--supported-transfer-mode", "lmcache_driven")]:
         assert argv[argv.index(flag) + 1] == value
 
 
@@ -110,7 +116,11 @@ def test_lmcache_refuses_what_lmcache_refuses():
     many = plan(cluster(lmcache={"servers": 2}))
     assert any("supports several servers only with TP, not PP" in p for p in many.problems)
     ipc = plan(cluster(lmcache={"transfer_mode": "lmcache_driven"}))
-    assert any("do not cross nodes" in p and "['b', 'c']" in p for p in ipc.problems)
+    assert any("do not cross nodes" in p and "['b', 'c']" in p and "enabled: false" in p for p in ipc.problems)
+    # engine_driven would cross nodes, but registers one KV transfer group; DeepSeek-V4 has several.
+    tcp = plan(cluster(lmcache={"transfer_mode": "engine_driven"}))
+    assert any("engine_driven" in p and "one KV transfer group" in p for p in tcp.problems)
+    assert lmcache.validate_topology(cluster(lmcache={"enabled": False})) == []
     # One node: CUDA IPC reaches every worker, so lmcache_driven is accepted.
     single = load_cluster(REPO / "docker/cluster.single-node.yaml")
     assert lmcache.validate_topology(single) == []

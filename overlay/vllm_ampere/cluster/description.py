@@ -7,9 +7,9 @@
       - {name: a, address: 10.0.0.1, gpus: 4}
       - {name: b, address: 10.0.0.2, gpus: 4}
       - {name: c, address: 10.0.0.3, gpus: 2}
-    lmcache: {l1_size_gb: 64}
+    lmcache: {enabled: false}              # LMCache 0.5.6 serves DeepSeek-V4 on one node only
 
-The first node is the head (Ray head, API server, LMCache server). One GPU per pipeline
+The first node is the head (Ray head, API server, LMCache server when enabled). One GPU per pipeline
 stage (TP=1, as in the seed's PP=10 deployment), so the pipeline size is the GPU count.
 """
 
@@ -47,10 +47,10 @@ class LMCache(_Strict):
     port: int = Field(default=6555, ge=1, le=65535)  # ZMQ request port
     http_port: int = Field(default=6556, ge=1, le=65535)  # /healthcheck
     node: str | None = None  # where the one server runs; default: the head
-    # engine_driven: workers copy KV to and from the server over TCP, the only mode that
-    # reaches a server on another node. lmcache_driven (CUDA IPC / SHM) works only when
-    # every worker shares the server's node.
-    transfer_mode: str = Field(default="engine_driven", pattern="^(engine_driven|lmcache_driven)$")
+    # lmcache_driven: the server pulls KV through CUDA IPC / SHM, so every worker must share its
+    # node. engine_driven (workers copy KV over TCP) would reach other nodes, but LMCache 0.5.6
+    # refuses it for DeepSeek-V4 (lmcache.validate_topology).
+    transfer_mode: str = Field(default="lmcache_driven", pattern="^(engine_driven|lmcache_driven)$")
     servers: int = Field(default=1, ge=1)  # LMCache refuses more than one with PP > 1
 
 

@@ -1,21 +1,23 @@
-"""The LMCache KV sidecar: which topologies work with PP across nodes, its command, its health.
+"""The LMCache KV sidecar: which topologies work for DeepSeek-V4, its command, its health.
 
 Facts of LMCache 0.5.6 this relies on (lmcache/integration/vllm/lmcache_mp_connector.py,
-lmcache/v1/multiprocess/{config,http_server}.py):
+lmcache/v1/multiprocess/{config,http_server}.py, transfer_context/worker_transfer.py):
 - only LMCacheMPConnector handles DeepSeek-V4's several KV cache groups;
 - with several servers (lmcache.mp.server_urls) it raises for pipeline_parallel_size > 1:
   per-piece reader counts would differ per (server, stage);
 - lmcache_driven transfer (the default for CUDA workers) has the server pull KV through
-  CUDA IPC / shared memory: same node only. engine_driven has each worker copy its KV to and
-  from the server over the ZMQ request socket (pickled, no --shm-name), which works from any
-  node; worker side key `lmcache.mp.mp_transfer_mode`, server `--supported-transfer-mode`.
+  CUDA IPC / shared memory: same node only;
+- engine_driven transfer (workers copy KV over TCP, which would cross nodes) registers exactly
+  one KV transfer group (EngineDrivenTransferContext.register raises "engine-driven transfer
+  does not support multiple KV transfer groups now"), and every DeepSeek-V4 stage registers
+  several (sliding window, compressed, indexer, compressor states): each worker would fail at
+  KV cache registration;
 - the server starts on a CPU-only machine; GET /healthcheck answers {"status": "healthy"}
   once its cache engine is up.
 
-Topology chosen for PP across nodes: ONE server, on the head node, engine_driven. It is the
-only combination LMCache accepts with PP > 1 that reaches GPUs on other nodes; its cost is a
-copy of each stage's KV chunks over TCP on store and retrieve. Cross-node engine_driven has
-not been run on GPUs in this project yet.
+So LMCache serves DeepSeek-V4 only when every pipeline stage shares the server's node (one
+server, lmcache_driven); a cluster across nodes runs without it (`lmcache: {enabled: false}`).
+Single-node lmcache_driven with DeepSeek-V4 has not been run on GPUs in this project yet.
 """
 
 from __future__ import annotations
@@ -46,13 +48,22 @@ def validate_topology(cluster: Cluster) -> list[str]:
         )
     if lm.servers > 1 and pp % lm.servers:
         errors.append(f"the {pp} workers must divide evenly over lmcache.servers={lm.servers}")
+    if lm.transfer_mode == "engine_driven":
+        errors.append(
+            "lmcache.transfer_mode=engine_driven: LMCache 0.5.6's engine-driven transfer registers "
+            "one KV transfer group, and every DeepSeek-V4 stage has several (sliding window, "
+            "compressed, indexer, compressor states), so each worker would fail at KV cache "
+            "registration. Use lmcache_driven with every GPU on the server's node, or "
+            "lmcache: {enabled: false}."
+        )
     host = server_node(cluster)
     remote = [n.name for n in cluster.nodes if n.name != host.name]
     if lm.transfer_mode == "lmcache_driven" and remote:
         errors.append(
             f"lmcache.transfer_mode=lmcache_driven with workers on {remote}: the server on "
-            f"{host.name} pulls KV through CUDA IPC / shared memory, which do not cross nodes. "
-            "Use engine_driven (workers copy KV over TCP)."
+            f"{host.name} pulls KV through CUDA IPC / shared memory, which do not cross nodes, "
+            "and LMCache 0.5.6 has no mode that serves DeepSeek-V4 across nodes. Set "
+            "lmcache: {enabled: false} for this cluster."
         )
     return errors
 
