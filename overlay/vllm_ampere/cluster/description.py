@@ -9,8 +9,8 @@
       - {name: c, address: 10.0.0.3, gpus: 2}
     lmcache: {enabled: false}              # LMCache 0.5.6 serves DeepSeek-V4 on one node only
 
-The first node is the head (Ray head, API server, LMCache server when enabled). One GPU per pipeline
-stage (TP=1, as in the seed's PP=10 deployment), so the pipeline size is the GPU count.
+The first node is the head (Ray head, API server, LMCache server when enabled). One GPU per
+pipeline stage (TP=1, as in the seed's PP=10 deployment), so the pipeline size is the GPU count.
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ class LMCache(_Strict):
     node: str | None = None  # where the one server runs; default: the head
     # lmcache_driven: the server pulls KV through CUDA IPC / SHM, so every worker must share its
     # node. engine_driven (workers copy KV over TCP) would reach other nodes, but LMCache 0.5.6
-    # refuses it for DeepSeek-V4 (lmcache.validate_topology).
+    # registers one KV cache group that way and DeepSeek-V4 has several (see
+    # lmcache.validate_topology, which refuses it).
     transfer_mode: str = Field(default="lmcache_driven", pattern="^(engine_driven|lmcache_driven)$")
     servers: int = Field(default=1, ge=1)  # LMCache refuses more than one with PP > 1
 
