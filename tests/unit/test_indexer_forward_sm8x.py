@@ -10,11 +10,8 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from vllm.platforms import current_platform
-from vllm.platforms.interface import DeviceCapability
 from vllm.v1.attention.backends.mla import indexer as stock_indexer
 
-import vllm_ampere.attention.backend  # noqa: F401 (before the platform is faked: imports CUDA-only modules)
 import vllm_ampere.attention.indexer_forward as forward
 from vllm_ampere.attention import indexer as ix
 from vllm_ampere.patches import indexer_native_decode_sm8x
@@ -140,10 +137,8 @@ def test_mtp_rows_flattened_by_the_builder(monkeypatch):
 
 
 @pytest.mark.parametrize("major,minor", [(8, 0), (8, 6), (9, 0)])
-def test_builder_flattens_mtp_rows_on_sm8x_only(monkeypatch, major, minor):
-    monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
-    monkeypatch.setattr(type(current_platform), "get_device_capability",
-                        classmethod(lambda cls, device_id=0: DeviceCapability(major, minor)))
+def test_builder_flattens_mtp_rows_on_sm8x_only(monkeypatch, fake_cuda, major, minor):
+    fake_cuda(major, minor)
     patch = indexer_native_decode_sm8x.PATCH
     stock = patch.original()  # the stock function, even where the patchset is installed
     patched = patch.replace(stock)

@@ -8,21 +8,9 @@ import inspect
 
 import pytest
 from vllm.platforms import current_platform
-from vllm.platforms.interface import DeviceCapability
 from vllm.v1.attention.backends.mla import indexer
 
-import vllm_ampere.attention.backend  # noqa: F401 (before the platform is faked: imports CUDA-only modules)
 from vllm_ampere.patches import indexer_metadata_sm8x, indexer_native_decode_sm8x
-
-
-@pytest.fixture
-def fake_cuda(monkeypatch):
-    def set_capability(major, minor):
-        monkeypatch.setattr(current_platform, "is_cuda", lambda: True)
-        # A classmethod on the platform class: is_device_capability_family reads it through cls.
-        monkeypatch.setattr(type(current_platform), "get_device_capability",
-                            classmethod(lambda cls, device_id=0: DeviceCapability(major, minor)))
-    return set_capability
 
 
 def _patched(stock_answer: bool):

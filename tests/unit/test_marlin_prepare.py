@@ -7,7 +7,6 @@ prepared weights are decoded back with the inverse layout written here and compa
 spec's dequantization: W4A16 and W8A16 exactly, W4A8 within its 12-bit scale rounding, which is
 reported. The Marlin kernels themselves run on a GPU only."""
 
-import logging
 from types import SimpleNamespace
 
 import numpy as np
@@ -17,7 +16,6 @@ import vllm._custom_ops as custom_ops
 from vllm.model_executor.layers.fused_moe.activation import MoEActivation
 from vllm.model_executor.layers.fused_moe.config import FusedMoEConfig, FusedMoEParallelConfig
 from vllm.model_executor.layers.fused_moe.experts import marlin_moe
-from vllm.model_executor.layers.fused_moe.oracle import int_wna16
 from vllm.model_executor.layers.quantization.utils import marlin_utils_test
 from vllm.model_executor.layers.quantization.utils.marlin_utils import get_scale_perms
 from vllm.scalar_type import scalar_types
@@ -94,8 +92,7 @@ class ExpertsLayer(torch.nn.Module):
 def method(inter: int, path: MoePath, monkeypatch) -> moe_w4a16.Dsv4Int4MoEMethod:
     # MarlinExperts refuses to be built off CUDA; its kernel is never called here.
     monkeypatch.setattr(marlin_moe.MarlinExpertsBase, "_supports_current_device", staticmethod(lambda: True))
-    monkeypatch.setattr(custom_ops, "gptq_marlin_moe_repack", repack_by_vllms_model)
-    monkeypatch.setattr(int_wna16.ops, "gptq_marlin_moe_repack", repack_by_vllms_model)
+    monkeypatch.setattr(custom_ops, "gptq_marlin_moe_repack", repack_by_vllms_model)  # = int_wna16's ops
     moe = FusedMoEConfig(num_experts=E, experts_per_token=2, hidden_dim=H, intermediate_size=inter,
                          num_local_experts=E, num_logical_experts=E, activation=MoEActivation.SILU, device="cpu",
                          routing_method=0, moe_parallel_config=FusedMoEParallelConfig.make_no_parallel(),
@@ -137,20 +134,14 @@ def test_w4a16_prepares_exactly_the_spec_weights(inter, monkeypatch):
 
 
 @pytest.mark.parametrize("octaves,warns", [(4, False), (16, True)])
-def test_w4a8_prepares_the_spec_weights_within_its_scale_rounding(octaves, warns, monkeypatch):
+def test_w4a8_prepares_the_spec_weights_within_its_scale_rounding(octaves, warns, monkeypatch,
+                                                                   moe_w4a16_warnings):
     m = method(128, MoePath.MARLIN_W4A8, monkeypatch)
     layer = ExpertsLayer(128, seed=octaves, spread_octaves=octaves)
     # The scales as the spec defines them, before vLLM's preparation replaces them.
     rms = {name: moe_w4a16.w4a8_scale_loss(getattr(layer, f"{name}_weight_scale_inv").data)[0]
            for name in ("w13", "w2")}
-    records = []
-    handler = logging.Handler(logging.WARNING)
-    handler.emit = records.append
-    moe_w4a16.logger.addHandler(handler)
-    try:
-        m._prepare_marlin(layer)
-    finally:
-        moe_w4a16.logger.removeHandler(handler)
+    m._prepare_marlin(layer)
     got = decoded(layer, is_a_8bit=True)
     for name in ("w13", "w2"):
         want = layer.want[name]
@@ -159,7 +150,7 @@ def test_w4a8_prepares_the_spec_weights_within_its_scale_rounding(octaves, warns
         assert row_err.square().mean().sqrt().item() == pytest.approx(rms[name], rel=0.05), name
     assert m.moe_kernel.fused_experts.input_dtype == torch.int8
     assert m.moe_quant_config.a1_gscale is layer.dsv4_a13_gscale
-    warned = [r.getMessage() for r in records]
+    warned = moe_w4a16_warnings()
     assert bool(warned) is warns, warned
     if warns:
         assert all("model.layers.0.ffn.experts" in w for w in warned)
